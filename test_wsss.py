@@ -1,0 +1,247 @@
+"""Tests: oracles and end-to-end runs on tiny data. Offline, CPU, seconds each.
+
+    python -m pytest -q test_wsss.py
+"""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import wsss
+
+# -----------------------------------------------------------------------------
+# Data: the folder format, the generator, the importer, and bad input
+
+
+def tiny_synth(root: Path, seed: int = 0, **overrides) -> Path:
+    config = wsss.SynthConfig(n_train=12, n_val=6, size=48, seed=seed)
+    wsss.synthesize(root, wsss.dataclasses.replace(config, **overrides))
+    return root
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory) -> Path:
+    return tiny_synth(tmp_path_factory.mktemp("synth") / "data")
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = wsss.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_synth_is_deterministic_by_seed(tmp_path):
+    a = tiny_synth(tmp_path / "a", seed=3)
+    b = tiny_synth(tmp_path / "b", seed=3)
+    c = tiny_synth(tmp_path / "c", seed=4)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 3 + 3 * 18  # classes/train/val + image/mask/context per scene
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
+
+
+def test_synth_labels_masks_and_context_agree(synth_dir):
+    for split in ("train", "val"):
+        classes, samples = wsss.read_split(synth_dir, split)
+        assert classes == ["smoke"]
+        for s in samples:
+            image = np.array(Image.open(s.image))
+            mask = np.array(Image.open(s.mask))
+            context = np.array(Image.open(s.context)) > 0
+            assert image.shape == (48, 48, 3) and mask.shape == context.shape == (48, 48)
+            assert set(np.unique(mask)) <= {0, 1, wsss.IGNORE}
+            assert s.labels == ((1,) if (mask == 1).any() else ())
+            assert not (context & (mask != 0)).any(), "context never overlaps smoke or ignore"
+            if s.labels:
+                assert context.any(), "every emission leaves a chimney"
+                # The ignore band wraps the plume: faint edges are not scored.
+                assert (mask == wsss.IGNORE).any()
+            else:
+                assert (mask == 0).all()
+
+
+def test_synth_coupling_controls_chimneys_in_smoke_free_images(tmp_path):
+    def chimney_share(root):
+        _, samples = wsss.read_split(root, "train")
+        negatives = [s for s in samples if not s.labels]
+        return np.mean([(np.array(Image.open(s.context)) > 0).any() for s in negatives])
+
+    assert chimney_share(tiny_synth(tmp_path / "c1", coupling=1.0, n_train=30)) == 0.0
+    assert chimney_share(tiny_synth(tmp_path / "c0", coupling=0.0, n_train=30)) == 1.0
+
+
+def test_dataset_items(synth_dir):
+    ds = wsss.SmokeDataset(synth_dir, "train", size=32)
+    assert ds.has_masks and ds.has_context and len(ds) == 12
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert item["rgb"].shape == (3, 32, 32) and item["rgb"].dtype == torch.uint8
+    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.int64
+    assert item["context"].dtype == torch.bool
+    # Nearest resizing keeps mask values in {0, 1, 255}.
+    assert set(item["mask"].unique().tolist()) <= {0, 1, wsss.IGNORE}
+    labels = torch.stack([ds[i]["label"] for i in range(len(ds))])
+    assert labels.shape == (12, 1)
+    assert labels.sum() == sum(1 for s in ds.samples if s.labels)
+    # Default collation batches the dicts.
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 32, 32) and len(batch["stem"]) == 4
+
+
+def test_dataset_round_trip_of_a_hand_written_folder(tmp_path):
+    root = tmp_path / "mine"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("smoke\nsteam\n")
+    (root / "train.txt").write_text("a smoke steam\nb\n\nc steam\n")
+    rng = np.random.default_rng(0)
+    for stem, mode in (("a", "RGB"), ("b", "L"), ("c", "RGBA")):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).convert(mode).save(
+            root / "images" / f"{stem}.png")
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:10, 5:10] = 2
+    mask[0, 0] = 255
+    Image.fromarray(mask).save(root / "masks" / "a.png")
+    ds = wsss.SmokeDataset(root, "train", size=None)
+    assert [s.stem for s in ds.samples] == ["a", "b", "c"]
+    assert ds[0]["label"].tolist() == [1.0, 1.0]
+    assert ds[1]["label"].tolist() == [0.0, 0.0]
+    assert ds[2]["label"].tolist() == [0.0, 1.0]
+    assert torch.equal(ds[0]["mask"], torch.from_numpy(mask).long())
+    assert (ds[1]["mask"] == wsss.IGNORE).all(), "no mask file: everything ignored"
+    assert ds[1]["rgb"].shape == (3, 20, 30)  # grayscale converted to RGB
+
+
+def fake_smoke5k(root: Path) -> Path:
+    """Two photographs in SMOKE5K's layout with known smoke: a block in the top-left corner."""
+    (root / "img").mkdir(parents=True)
+    (root / "gt").mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (("p1", (60, 80)), ("p2", (40, 40))):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            root / "img" / f"{name}.jpg")
+        gt = np.zeros((h, w), np.uint8)
+        gt[:20, :20] = 255
+        gt[h - 1, w - 1] = 255  # a single smoke pixel: its tile is ambiguous, not negative
+        Image.fromarray(gt).save(root / "gt" / f"{name}.png")
+    return root
+
+
+def test_tile_origins_cover_with_fewest_tiles():
+    assert wsss.tile_origins(32, 32) == [0]
+    assert wsss.tile_origins(80, 32) == [0, 24, 48]
+    assert wsss.tile_origins(320, 128) == [0, 96, 192]
+
+
+def test_prepare_smoke5k_tiles_and_labels(tmp_path, capsys):
+    src = fake_smoke5k(tmp_path / "smoke5k")
+    code, out, _ = run_cli(capsys, "prepare", "smoke5k", src, tmp_path / "dst", "--tile", 32,
+                           "--val-share", 0.0)
+    assert code == 0, out
+    dst = tmp_path / "dst"
+    _, samples = wsss.read_split(dst, "train")
+    labels = {s.stem: s.labels for s in samples}
+    # p1 (60x80): tiles at y {0, 28} x {0, 24, 48}; p2 (40x40): y {0, 8} x {0, 8}.
+    assert labels["p1_y0_x0"] == (1,)  # 400 of 1024 pixels are smoke
+    assert labels["p1_y0_x48"] == ()  # no smoke pixel: a negative
+    assert "p1_y28_x48" not in labels  # one smoke pixel only: ambiguous, skipped
+    assert labels["p2_y0_x0"] == (1,)
+    # p1: 6 tiles - 1 ambiguous; p2: its 4 overlapping tiles all hold >= 2% of the block.
+    assert len(labels) == 5 + 4 and all(labels[f"p2_y{y}_x{x}"] for y in (0, 8) for x in (0, 8))
+    mask = np.array(Image.open(dst / "masks" / "p1_y0_x0.png"))
+    assert mask.shape == (32, 32) and mask[:20, :20].all() and not mask[20:, :].any()
+    assert np.array(Image.open(dst / "images" / "p1_y0_x0.png")).shape == (32, 32, 3)
+    # The split is by photograph: every tile of a photo lands in the same split.
+    code, _, _ = run_cli(capsys, "prepare", "smoke5k", src, tmp_path / "d2", "--tile", 32,
+                         "--val-share", 0.5, "--seed", 1)
+    assert code == 0
+    for split in ("train", "val"):
+        stems = (tmp_path / "d2" / f"{split}.txt").read_text().split()
+        photos = {s.split("_")[0] for s in stems}
+        other = (tmp_path / "d2" / ("val.txt" if split == "train" else "train.txt")).read_text()
+        assert not any(p + "_" in other for p in photos)
+
+
+def broken_copy(synth_dir: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "broken"
+    shutil.copytree(synth_dir, root)
+    return root
+
+
+def expect_error(capsys, root: Path, *fragments: str) -> None:
+    """`train` on bad data stops with one line naming the problem, exit code 2."""
+    code, out, err = run_cli(capsys, "train", "--data", root)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_error_missing_folder_and_files(tmp_path, capsys, synth_dir):
+    expect_error(capsys, tmp_path / "nowhere", "nowhere", "not found")
+    root = broken_copy(synth_dir, tmp_path)
+    (root / "images" / "train_00003.png").unlink()
+    expect_error(capsys, root, "train.txt:4", "images/train_00003")
+    (root / "classes.txt").unlink()
+    expect_error(capsys, root, "classes.txt", "not found")
+
+
+def test_error_image_that_does_not_decode(tmp_path, capsys, synth_dir):
+    root = broken_copy(synth_dir, tmp_path)
+    (root / "images" / "train_00002.png").write_bytes(b"not a png at all")
+    expect_error(capsys, root, "train_00002.png", "cannot decode")
+
+
+def test_error_unknown_class(tmp_path, capsys, synth_dir):
+    root = broken_copy(synth_dir, tmp_path)
+    lines = (root / "train.txt").read_text().splitlines()
+    lines[1] = lines[1].split()[0] + " chimney"
+    (root / "train.txt").write_text("\n".join(lines) + "\n")
+    expect_error(capsys, root, "train.txt:2", "unknown class 'chimney'")
+
+
+def test_error_mask_size_and_values(tmp_path, capsys, synth_dir):
+    root = broken_copy(synth_dir, tmp_path)
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(root / "masks" / "train_00001.png")
+    expect_error(capsys, root, "masks/train_00001.png", "12x10", "48x48")
+    bad = np.zeros((48, 48), np.uint8)
+    bad[3, 3] = 7
+    Image.fromarray(bad).save(root / "masks" / "train_00001.png")
+    expect_error(capsys, root, "masks/train_00001.png", "value 7")
+
+
+def test_error_empty_split(tmp_path, capsys, synth_dir):
+    root = broken_copy(synth_dir, tmp_path)
+    (root / "val.txt").write_text("\n")
+    expect_error(capsys, root, "val.txt", "empty split")
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    out = tiny_synth(tmp_path / "s")
+    before = (out / "images" / "train_00000.png").read_bytes()
+    code, _, err = run_cli(capsys, "synth", "--out", out, "--n-train", 4, "--n-val", 2,
+                           "--size", 32, "--seed", 9)
+    assert code == 2 and "--force" in err and "Traceback" not in err
+    assert (out / "images" / "train_00000.png").read_bytes() == before
+    src = fake_smoke5k(tmp_path / "smoke5k")
+    code, _, err = run_cli(capsys, "prepare", "smoke5k", src, out)
+    assert code == 2 and "--force" in err
+    code, _, _ = run_cli(capsys, "synth", "--out", out, "--n-train", 4, "--n-val", 2,
+                         "--size", 32, "--force")
+    assert code == 0 and len(list((out / "images").iterdir())) == 6
+
+
+def test_prepare_missing_source(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "prepare", "smoke5k", tmp_path / "none", tmp_path / "out")
+    assert code == 2 and "img" in err and "not found" in err
+
+
+def test_pick_device():
+    assert wsss.pick_device("cpu") == torch.device("cpu")
+    assert wsss.pick_device("auto").type in {"cuda", "mps", "cpu"}

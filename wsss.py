@@ -1,0 +1,551 @@
+"""Weakly supervised smoke segmentation: the command line, the data, training and evaluation.
+
+Everything that touches the outside world lives here (argv, files, datasets, training loops,
+checkpoints, logs); models.py, losses.py and postprocess.py are pure libraries.
+Sections, top to bottom: config dataclasses -> data -> commands -> __main__.
+
+    python wsss.py synth --out data/synth      # an industrial-smoke dataset, generated
+    python wsss.py prepare smoke5k SRC DST     # SMOKE5K photographs -> the folder format
+    python wsss.py train                       # the whole method on the embedded default data
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_DATA = Path("data/synth")  # where `train` generates the embedded dataset on first use
+
+
+class DataError(Exception):
+    """Bad input a user can fix: the CLI prints it as one line and exits with code 2."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# -----------------------------------------------------------------------------
+# Config dataclasses. Each field's metadata["help"] becomes its --flag's help.
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class SynthConfig:
+    n_train: int = field(default=1000, metadata=_help("training images"))
+    n_val: int = field(default=200, metadata=_help("validation images"))
+    size: int = field(default=128, metadata=_help("image side in pixels"))
+    positive_share: float = field(default=0.5, metadata=_help("share of images with an emission"))
+    coupling: float = field(default=0.9, metadata=_help(
+        "spurious correlation in the training split: the probability that a smoke-free image "
+        "has no chimney (1 = chimneys appear only with smoke)"))
+    val_coupling: float = field(default=0.3, metadata=_help(
+        "the same for the validation split; lower, so that chimney bias shows in the scores"))
+    seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same files"))
+
+
+@dataclass
+class PrepareConfig:
+    tile: int = field(default=128, metadata=_help("tile side in pixels"))
+    min_share: float = field(default=0.02, metadata=_help(
+        "a tile is a positive when at least this share of its pixels is smoke"))
+    val_share: float = field(default=0.2, metadata=_help(
+        "share of photographs held out for the validation split (all tiles of a photo together)"))
+    seed: int = field(default=0, metadata=_help("seed of the train/val split of photographs"))
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One --flag per dataclass field, typed from the field, help from its metadata."""
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif getattr(f.type, "__origin__", None) is tuple:
+            item = f.type.__args__[0]
+            parser.add_argument(flag, type=item, nargs="+", default=None, help=text)
+        else:
+            parser.add_argument(flag, type=f.type, default=None, help=text)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, base=None):
+    """The dataclass with every flag the user gave applied over `base` (or the defaults)."""
+    config = base if base is not None else cls()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    return dataclasses.replace(config, **given)
+
+
+# -----------------------------------------------------------------------------
+# Data: the folder format, its reader, the synthetic scene generator, the SMOKE5K importer.
+#
+#   DIR/classes.txt            foreground class names, one a line (background is index 0)
+#   DIR/train.txt, DIR/val.txt "<stem> [class ...]" a line (no class = background only)
+#   DIR/images/<stem>.png|jpg  RGB (other modes are converted; any size)
+#   DIR/masks/<stem>.png       optional: 0 background, k = k-th class, 255 ignore
+#   DIR/context/<stem>.png     optional: nonzero where co-occurring context stands (chimneys)
+
+
+@dataclass
+class Sample:
+    stem: str
+    image: Path
+    labels: tuple[int, ...]  # class indices, 1-based (0 is background)
+    mask: Path | None
+    context: Path | None
+
+
+def read_classes(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    path = root / "classes.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (one foreground class name a line)")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path}: no class names")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: a class name appears twice")
+    return names
+
+
+def read_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
+    """Parse DIR/<split>.txt; every named file must exist and every class must be known."""
+    classes = read_classes(root)
+    index = {name: k + 1 for k, name in enumerate(classes)}
+    path = root / f"{split}.txt"
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found")
+    samples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        words = line.split()
+        if not words:
+            continue
+        stem, names = words[0], words[1:]
+        for name in names:
+            if name not in index:
+                raise DataError(f"{path}:{number}: unknown class '{name}' (classes.txt has "
+                                f"{', '.join(classes)})")
+        image = next((root / "images" / (stem + ext) for ext in IMAGE_EXTENSIONS
+                      if (root / "images" / (stem + ext)).is_file()), None)
+        if image is None:
+            raise DataError(f"{path}:{number}: no image images/{stem}.png or .jpg")
+        mask = root / "masks" / f"{stem}.png"
+        context = root / "context" / f"{stem}.png"
+        samples.append(Sample(stem, image, tuple(sorted({index[n] for n in names})),
+                              mask if mask.is_file() else None,
+                              context if context.is_file() else None))
+    if not samples:
+        raise DataError(f"{path}: empty split (no image listed)")
+    return classes, samples
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB PIL image; a file that does not decode is a DataError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
+
+
+def load_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
+    """A (H, W) uint8 class-index mask, checked against its image size and the class count."""
+    try:
+        with Image.open(path) as im:
+            mask = np.array(im)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode mask ({e.__class__.__name__}: {e})") from None
+    if mask.ndim != 2:
+        raise DataError(f"{path}: mask must have one channel, found shape {mask.shape}")
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                        f"{size[0]}x{size[1]}")
+    bad = np.setdiff1d(np.unique(mask), [*range(num_classes + 1), IGNORE])
+    if bad.size:
+        raise DataError(f"{path}: mask value {int(bad[0])} is neither a class (0..{num_classes}) "
+                        f"nor {IGNORE} (ignore)")
+    return mask.astype(np.uint8)
+
+
+class SmokeDataset(Dataset):
+    """One split of a dataset folder.
+
+    Item: {"stem", "image" (3,S,S) normalised float, "rgb" (3,S,S) uint8, "label" (K,) multi-hot
+    float, and when the folder has them "mask" (S,S) int64 with 255 = ignore, "context" (S,S) bool}.
+    Images without a mask file get an all-ignore mask so that batches stay uniform.
+    """
+
+    def __init__(self, root: str | Path, split: str, size: int | None = 128, flip: bool = False):
+        self.root = Path(root)
+        self.classes, self.samples = read_split(self.root, split)
+        self.has_masks = any(s.mask is not None for s in self.samples)
+        self.has_context = any(s.context is not None for s in self.samples)
+        steps = [v2.Resize((size, size), antialias=True)] if size else []
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose(steps or [v2.Identity()])
+        self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def label_vector(self, sample: Sample) -> torch.Tensor:
+        label = torch.zeros(len(self.classes))
+        for k in sample.labels:
+            label[k - 1] = 1.0
+        return label
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        pil = load_image(s.image)
+        h, w = pil.height, pil.width
+        image = tv_tensors.Image(torch.from_numpy(np.array(pil)).permute(2, 0, 1))  # (H,W,3) -> (3,H,W)
+        extras = {}
+        if self.has_masks:
+            mask = (load_mask(s.mask, (w, h), len(self.classes)) if s.mask is not None
+                    else np.full((h, w), IGNORE, np.uint8))
+            extras["mask"] = tv_tensors.Mask(torch.from_numpy(mask).long())
+        if self.has_context:
+            context = (np.array(Image.open(s.context).convert("L")) > 0 if s.context is not None
+                       else np.zeros((h, w), bool))
+            if context.shape != (h, w):
+                raise DataError(f"{s.context}: context is {context.shape[1]}x{context.shape[0]} "
+                                f"but its image is {w}x{h}")
+            extras["context"] = tv_tensors.Mask(torch.from_numpy(context))
+        image, extras = self.transform(image, extras)
+        item = {"stem": s.stem, "rgb": image.as_subclass(torch.Tensor),
+                "image": self.normalize(v2.functional.to_dtype(image, torch.float32, scale=True))
+                .as_subclass(torch.Tensor),
+                "label": self.label_vector(s)}
+        item.update({k: t.as_subclass(torch.Tensor) for k, t in extras.items()})
+        return item
+
+    def verify(self) -> None:
+        """Decode every file once, so that bad input stops a run before training, not during."""
+        for i in range(len(self)):
+            self[i]
+
+
+def write_split(root: Path, split: str, rows: list[tuple[str, list[str]]]) -> None:
+    lines = [" ".join([stem, *names]) for stem, names in rows]
+    (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+
+
+def fresh_output_dir(path: Path, force: bool) -> None:
+    """Create `path`; an existing non-empty folder is replaced only with --force."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not force:
+            raise DataError(f"{path}: already exists (use --force to replace it)")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+
+
+# --- the synthetic industrial-smoke scene generator --------------------------------------------
+# A scene: sky gradient, ground, factory skyline, striped chimneys; an emission is a chain of
+# soft Gaussian puffs that leaves a chimney top, bent by wind, thinning as it rises. Clouds and
+# haze are smoke-like but unlabelled. Mask = plume opacity > 0.25, with an ignore band down to
+# 0.08 (faint edges nobody can label); context = chimney pixels that are not smoke.
+
+SMOKE_OPAQUE, SMOKE_FAINT = 0.25, 0.08
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Value noise in [0, 1]: a random (cells x cells) grid, bilinearly upsampled to (h, w)."""
+    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    ys = np.linspace(0, cells, h, dtype=np.float32)
+    xs = np.linspace(0, cells, w, dtype=np.float32)
+    y0 = np.minimum(ys.astype(int), cells - 1)
+    x0 = np.minimum(xs.astype(int), cells - 1)
+    fy = (ys - y0)[:, None]
+    fx = (xs - x0)[None, :]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _puffs(yy, xx, centres, radii, densities) -> np.ndarray:
+    """Opacity of overlapping Gaussian puffs: 1 - prod_k (1 - d_k * g_k), shape (H, W)."""
+    cy = centres[:, 1, None, None]
+    cx = centres[:, 0, None, None]
+    g = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radii[:, None, None] ** 2))
+    return 1 - np.prod(1 - densities[:, None, None] * g, axis=0)
+
+
+def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene: (H,W,3) uint8 image, (H,W) uint8 mask {0,1,255}, (H,W) bool context."""
+    s = size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    horizon = rng.uniform(0.62, 0.82) * s
+    # Sky: vertical gradient from a zenith colour to a paler horizon colour, mildly noisy.
+    zenith = rng.uniform([40, 80, 140], [140, 170, 230])
+    pale = rng.uniform([150, 160, 170], [225, 225, 235])
+    t = np.clip(yy / horizon, 0, 1)[..., None]
+    image = zenith * (1 - t) + pale * t
+    image += (_smooth_noise(rng, s, s, 4)[..., None] - 0.5) * 20
+    # Ground below the horizon.
+    ground = rng.uniform([40, 45, 30], [110, 100, 80])
+    below = (yy >= horizon)[..., None]
+    image = np.where(below, ground + (_smooth_noise(rng, s, s, 8)[..., None] - 0.5) * 30, image)
+    # Factory skyline: dark boxes standing on the horizon.
+    for _ in range(rng.integers(2, 6)):
+        x0 = rng.uniform(-0.1, 0.9) * s
+        w = rng.uniform(0.08, 0.3) * s
+        h = rng.uniform(0.04, 0.16) * s
+        colour = rng.uniform(40, 110) + rng.uniform(-10, 10, 3)
+        box = (xx >= x0) & (xx < x0 + w) & (yy >= horizon - h) & (yy < horizon + 2)
+        image[box] = colour
+    # Chimneys: tall thin columns, often with red/white bands (industrial stacks).
+    context = np.zeros((s, s), bool)
+    tops = []
+    if chimneys or smoke:
+        for _ in range(rng.integers(1, 4)):
+            cx = rng.uniform(0.12, 0.88) * s
+            w = rng.uniform(0.035, 0.06) * s
+            top = horizon - rng.uniform(0.28, 0.5) * s
+            body = (np.abs(xx - cx) <= w / 2) & (yy >= top) & (yy < horizon + 2)
+            base = rng.uniform(90, 170) + rng.uniform(-15, 15, 3)
+            if rng.random() < 0.6:
+                band = ((yy - top) // max(2.0, 0.06 * s)).astype(int) % 2 == 0
+                colour = np.where(band[..., None], np.array([190, 50, 45]), base)
+                image = np.where(body[..., None], colour, image)
+            else:
+                image[body] = base
+            context |= body
+            tops.append((cx, top, w))
+    # Smoke-like distractors, as likely with smoke as without: clouds and a haze band.
+    distractor = np.zeros((s, s), np.float32)
+    for _ in range(rng.poisson(1.2)):
+        n = rng.integers(3, 7)
+        c = np.stack([rng.uniform(0, s) + rng.normal(0, 0.08 * s, n),
+                      rng.uniform(0.05, 0.45) * s + rng.normal(0, 0.03 * s, n)], axis=1)
+        distractor = np.maximum(distractor, _puffs(yy, xx, c, rng.uniform(0.04, 0.09, n) * s,
+                                                   rng.uniform(0.4, 0.8, n)))
+    if rng.random() < 0.35:
+        haze = np.exp(-((yy - horizon + rng.uniform(0, 0.1) * s) / (0.08 * s)) ** 2)
+        distractor = np.maximum(distractor, haze * rng.uniform(0.3, 0.6))
+    image = image * (1 - distractor[..., None]) + rng.uniform(200, 245) * distractor[..., None]
+    # Emissions: puff chains from one or more chimney tops, bent by one wind.
+    plume = np.zeros((s, s), np.float32)
+    if smoke:
+        wind = rng.uniform(-1, 1)
+        emitters = [tops[i] for i in rng.permutation(len(tops))[: rng.integers(1, len(tops) + 1)]]
+        for cx, top, w in emitters:
+            n = 28
+            t = np.linspace(0, 1, n, dtype=np.float32)
+            length = rng.uniform(0.3, 0.65) * s
+            rise = rng.uniform(0.2, 1.0)
+            bend = np.sign(wind) * rng.uniform(0, 0.6)
+            x = cx + length * (wind * t + bend * t ** 2)
+            y = top - length * rise * t * (1 - 0.4 * t) + rng.normal(0, 0.01 * s, n)
+            radii = w * 0.5 + t * rng.uniform(0.03, 0.08) * s
+            dens = rng.uniform(0.7, 1.0) * (1 - 0.75 * t) ** 1.5
+            puffs = dens[:, None, None] * np.exp(
+                -((yy - y[:, None, None]) ** 2 + (xx - x[:, None, None]) ** 2)
+                / (2 * radii[:, None, None] ** 2))
+            plume = np.maximum(plume, puffs.max(axis=0))  # max, not a sum: overlap adds no mass
+        plume *= 0.65 + 0.35 * _smooth_noise(rng, s, s, 6)  # turbulence
+        colour = rng.choice([[235, 235, 235], [170, 170, 175], [120, 110, 100], [200, 180, 140]])
+        colour = colour + rng.uniform(-15, 15, 3)
+        image = image * (1 - plume[..., None]) + colour * plume[..., None]
+    image = image + rng.normal(0, 3, image.shape)  # sensor noise
+    mask = np.where(plume > SMOKE_OPAQUE, 1, np.where(plume > SMOKE_FAINT, IGNORE, 0))
+    context &= mask == 0
+    return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8), context
+
+
+def synthesize(out: Path, config: SynthConfig, force: bool = False) -> dict:
+    """Write a dataset folder of generated scenes; returns counts per split."""
+    fresh_output_dir(out, force)
+    for sub in ("images", "masks", "context"):
+        (out / sub).mkdir()
+    (out / "classes.txt").write_text("smoke\n")
+    counts = {}
+    for split, n, coupling, offset in (("train", config.n_train, config.coupling, 0),
+                                       ("val", config.n_val, config.val_coupling, 1)):
+        rng = np.random.default_rng([config.seed, offset])
+        rows = []
+        for i in range(n):
+            smoke = rng.random() < config.positive_share
+            chimneys = smoke or rng.random() >= coupling
+            image, mask, context = render_scene(rng, config.size, smoke, chimneys)
+            stem = f"{split}_{i:05d}"
+            Image.fromarray(image).save(out / "images" / f"{stem}.png", compress_level=1)
+            Image.fromarray(mask).save(out / "masks" / f"{stem}.png", compress_level=1)
+            Image.fromarray(context.astype(np.uint8) * 255).save(out / "context" / f"{stem}.png",
+                                                                 compress_level=1)
+            rows.append((stem, ["smoke"] if (mask == 1).any() else []))
+        write_split(out, split, rows)
+        counts[split] = {"images": n, "positive": sum(1 for _, c in rows if c)}
+    return counts
+
+
+# --- SMOKE5K import ------------------------------------------------------------------------------
+
+
+def tile_origins(length: int, tile: int) -> list[int]:
+    """Evenly spaced tile starts that cover [0, length) with the fewest tiles (overlap allowed)."""
+    if length <= tile:
+        return [0]
+    n = -(-length // tile)  # ceil
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig, force: bool = False) -> dict:
+    """SMOKE5K layout (SRC/img/*.jpg, SRC/gt/*.png with 0/255) -> tiled dataset folder.
+
+    A tile is positive when smoke covers >= min_share of it, negative when it has no smoke pixel;
+    tiles in between are ambiguous and skipped. Photos smaller than a tile are skipped.
+    The split is by photograph, so tiles of one photo never land in both splits.
+    """
+    for sub in ("img", "gt"):
+        if not (src / sub).is_dir():
+            raise DataError(f"{src / sub}: folder not found (expected SMOKE5K's img/ and gt/)")
+    photos = sorted(p for p in (src / "img").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not photos:
+        raise DataError(f"{src / 'img'}: no .jpg or .png photographs")
+    fresh_output_dir(dst, force)
+    (dst / "images").mkdir()
+    (dst / "masks").mkdir()
+    (dst / "classes.txt").write_text("smoke\n")
+    rows = {"train": [], "val": []}
+    counts = {"photos": len(photos), "skipped_photos": 0, "ambiguous": 0}
+    t = config.tile
+    for photo in photos:
+        gt_path = src / "gt" / (photo.stem + ".png")
+        if not gt_path.is_file():
+            raise DataError(f"{gt_path}: ground truth missing for {photo.name}")
+        image = load_image(photo)
+        with Image.open(gt_path) as g:
+            gt = np.array(g.convert("L")) > 127
+        if gt.shape != (image.height, image.width):
+            raise DataError(f"{gt_path}: mask is {gt.shape[1]}x{gt.shape[0]} but its image is "
+                            f"{image.width}x{image.height}")
+        if image.width < t or image.height < t:
+            counts["skipped_photos"] += 1
+            continue
+        # A stable hash (not Python's salted hash) decides the split of a photograph.
+        digest = hashlib.sha1(f"{config.seed}:{photo.stem}".encode()).digest()
+        split = "val" if int.from_bytes(digest[:4], "big") / 2**32 < config.val_share else "train"
+        pixels = np.array(image)
+        for y in tile_origins(image.height, t):
+            for x in tile_origins(image.width, t):
+                share = gt[y:y + t, x:x + t].mean()
+                if 0 < share < config.min_share:
+                    counts["ambiguous"] += 1
+                    continue
+                stem = f"{photo.stem}_y{y}_x{x}"
+                Image.fromarray(pixels[y:y + t, x:x + t]).save(dst / "images" / f"{stem}.png")
+                Image.fromarray(gt[y:y + t, x:x + t].astype(np.uint8)).save(
+                    dst / "masks" / f"{stem}.png")
+                rows[split].append((stem, ["smoke"] if share > 0 else []))
+    for split, r in rows.items():
+        write_split(dst, split, r)
+        counts[split] = {"tiles": len(r), "positive": sum(1 for _, c in r if c)}
+    return counts
+
+
+def ensure_default_data(path: Path) -> Path:
+    """The embedded default dataset: generated once with SynthConfig() when missing."""
+    if not (path / "classes.txt").is_file():
+        print(f"generating the default synthetic dataset in {path} ...")
+        synthesize(path, SynthConfig(), force=False)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Commands
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    config = config_from_args(SynthConfig, args)
+    start = time.perf_counter()
+    counts = synthesize(Path(args.out), config, force=args.force)
+    seconds = time.perf_counter() - start
+    total = config.n_train + config.n_val
+    print(f"wrote {args.out}: {json.dumps(counts)} in {seconds:.1f} s "
+          f"({total / seconds:.0f} images/s)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    config = config_from_args(PrepareConfig, args)
+    counts = prepare_smoke5k(Path(args.src), Path(args.dst), config, force=args.force)
+    print(f"wrote {args.dst}: {json.dumps(counts)}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    data = Path(args.data) if args.data else ensure_default_data(DEFAULT_DATA)
+    for split in ("train", "val"):
+        dataset = SmokeDataset(data, split, size=None)
+        dataset.verify()
+        print(f"{data} {split}: {len(dataset)} images, classes {dataset.classes}")
+    raise DataError("training is not implemented yet; the data step above succeeded")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsss.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="generate an industrial-smoke dataset folder")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    add_config_flags(p, SynthConfig)
+    p.set_defaults(run=cmd_synth)
+
+    p = sub.add_parser("prepare", help="import a public dataset into the folder format")
+    p.add_argument("source", choices=["smoke5k"], help="which dataset's layout SRC has")
+    p.add_argument("src", help="SMOKE5K folder holding img/ and gt/")
+    p.add_argument("dst", help="dataset folder to write")
+    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    add_config_flags(p, PrepareConfig)
+    p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("train", help="train teacher and student, write pseudo masks")
+    p.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA} on first use)")
+    p.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
