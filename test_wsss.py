@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import models
 import wsss
 
 # -----------------------------------------------------------------------------
@@ -245,3 +247,168 @@ def test_prepare_missing_source(tmp_path, capsys):
 def test_pick_device():
     assert wsss.pick_device("cpu") == torch.device("cpu")
     assert wsss.pick_device("auto").type in {"cuda", "mps", "cpu"}
+
+
+# -----------------------------------------------------------------------------
+# Models: torchvision and a torchvision ViT are the oracles
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_matches_torchvision(name):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    theirs = getattr(torchvision.models, name)().eval()
+    ours = getattr(models, name)().eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)  # same names, same shapes
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("build", [models.resnet18, models.resnet50])
+def test_output_stride_changes_only_the_feature_size(build):
+    torch.manual_seed(0)
+    nets = {os_: build(output_stride=os_, width=16).eval() for os_ in (32, 16, 8)}
+    state = nets[32].state_dict()
+    x = torch.randn(1, 3, 64, 64)
+    for os_, net in nets.items():
+        net.load_state_dict(state, strict=True)  # dilation adds no parameter
+        f = net.forward_features(x)
+        assert f.shape == (1, net.num_features, 64 // os_, 64 // os_)
+
+
+def tiny_torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                            hidden_dim=32, mlp_dim=128, num_classes=5)
+    with torch.no_grad():  # torchvision zero-initialises the head and class token
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return vit.eval()
+
+
+def test_vit_matches_torchvision_after_conversion():
+    theirs = tiny_torchvision_vit()
+    ours = models.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                    num_heads=2, num_classes=5).eval()
+    ours.load_state_dict(models.vit_state_dict_from_torchvision(theirs.state_dict()), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+        # The hand-written attention (with maps) equals the fused kernel.
+        tokens, attn = ours.forward_features(x, return_attn=True)
+        assert (ours.forward_head(tokens) - theirs(x)).abs().max() <= 1e-5
+    assert len(attn) == 2 and attn[0].shape == (3, 2, 17, 17)
+    assert torch.allclose(attn[0].sum(-1), torch.ones(3, 2, 17))
+
+
+def test_vit_names_are_timms_and_pos_embed_resamples():
+    vit = models.vit_small(img_size=64, num_classes=3)
+    names = set(vit.state_dict())
+    for name in ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.11.norm1.weight",
+                 "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.bias", "blocks.0.norm2.bias",
+                 "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "norm.weight", "head.bias"):
+        assert name in names
+    assert vit.interpolate_pos_embed(4, 4) is vit.pos_embed  # exact at the native grid
+    assert vit.interpolate_pos_embed(6, 8).shape == (1, 1 + 48, 384)
+    assert vit(torch.randn(1, 3, 96, 128)).shape == (1, 3)  # any multiple of the patch
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        vit(torch.randn(1, 3, 65, 64))
+
+
+def tiny_teacher(pcm=True):
+    return models.Teacher(models.resnet18(output_stride=8, width=8, num_classes=0), 2, pcm=pcm)
+
+
+def tiny_student(map_channels=2):
+    vit = models.vit_tiny(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                          num_classes=2)
+    return models.Student(vit, map_channels)
+
+
+@pytest.mark.parametrize("make", [tiny_teacher, tiny_student])
+def test_every_parameter_gets_a_gradient(make):
+    torch.manual_seed(0)
+    net = make()
+    logits, maps = net(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 2) and maps.shape == (2, 2, 4, 4)
+    (logits.sum() + maps.square().mean()).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("make", [tiny_teacher, tiny_student])
+def test_tiny_networks_overfit_one_batch(make):
+    torch.manual_seed(0)
+    net = make()
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.tensor([[1, 0], [0, 1], [1, 1], [0, 0]] * 2, dtype=torch.float32)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = F.binary_cross_entropy_with_logits(net(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+
+
+def test_student_gradcam_layer_reproduces_the_forward():
+    torch.manual_seed(0)
+    student = tiny_student().eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits, feature = student.forward_gradcam(x)
+    assert torch.allclose(logits, student(x)[0], atol=1e-6)
+    assert feature.shape == (2, 1 + 16, 32)
+    grad, = torch.autograd.grad(logits[:, 0].sum(), feature)
+    assert grad[:, 1:].abs().sum() > 0  # patch tokens of the last block's input reach the class token
+
+
+def test_load_pretrained_drops_a_head_of_another_class_count():
+    source = models.vit_tiny(img_size=32, patch_size=8, depth=2, num_classes=1000).state_dict()
+    source["pos_embed"] = torch.randn(1, 1 + 8 * 8, 192)  # stored for a 64 px input
+    source["extra.thing"] = torch.zeros(1)
+    target = models.vit_tiny(img_size=32, patch_size=8, depth=2, num_classes=1)
+    report = models.load_pretrained(target, source)
+    assert len(report.pop("loaded")) == len(source) - 3
+    assert report == {"missing": ["head.weight", "head.bias"], "unexpected": ["extra.thing"],
+                      "dropped": ["head.weight", "head.bias"]}
+    assert torch.equal(target.blocks[1].attn.qkv.weight, source["blocks.1.attn.qkv.weight"])
+    assert target.pos_embed.shape == (1, 17, 192)
+
+
+def test_weights_from_local_files_in_every_wrapper(tmp_path, capsys):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18()
+    sd = source.state_dict()
+    files = {"bare.pt": sd, "model.pt": {"model": sd, "epoch": 3},
+             "wrapped.pt": {"state_dict": {f"module.{k}": v for k, v in sd.items()}}}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+        teacher = models.Teacher(models.resnet18(num_classes=0), num_classes=1)
+        wsss.load_weights(teacher.backbone, tmp_path / name, "teacher")
+        assert torch.equal(teacher.backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+        out = capsys.readouterr().out
+        assert "unexpected (2): fc.weight, fc.bias" in out, out
+    # A torchvision ViT file is converted to our names on the way in.
+    tv_vit = tiny_torchvision_vit()
+    torch.save(tv_vit.state_dict(), tmp_path / "vit.pt")
+    student = tiny_student(map_channels=1)
+    wsss.load_weights(student.backbone, tmp_path / "vit.pt", "student")
+    assert "dropped (2): head.weight, head.bias" in capsys.readouterr().out  # 5 classes vs 2
+    assert torch.equal(student.backbone.blocks[0].attn.qkv.weight,
+                       tv_vit.encoder.layers[0].self_attention.in_proj_weight)
+
+
+def test_bad_weights_files(tmp_path):
+    net = models.resnet18(num_classes=0)
+    with pytest.raises(wsss.DataError, match="not found"):
+        wsss.load_weights(net, tmp_path / "none.pt", "teacher")
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    with pytest.raises(wsss.DataError, match="cannot read weights"):
+        wsss.load_weights(net, tmp_path / "junk.pt", "teacher")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(wsss.DataError, match="no tensor matches"):
+        wsss.load_weights(net, tmp_path / "other.pt", "teacher")

@@ -22,10 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+import models
 
 IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -484,6 +487,91 @@ def ensure_default_data(path: Path) -> Path:
 
 
 # -----------------------------------------------------------------------------
+# Pretrained weights from a local file (nothing is downloaded)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torchvision, timm, DeiT or DINO file: bare, or wrapped in
+    {"model": ...} / {"state_dict": ...}; DDP's "module." prefixes are removed and torchvision
+    ViT names are converted to ours."""
+    if not path.is_file():
+        raise DataError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: unpickling errors of many kinds
+        raise DataError(f"{path}: cannot read weights ({e.__class__.__name__}: {e})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError(f"{path}: not a state dict (a mapping of names to tensors)")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    if "conv_proj.weight" in obj:
+        obj = models.vit_state_dict_from_torchvision(obj)
+    return obj
+
+
+def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Load a local weights file into `module`, saying what did not fit."""
+    report = models.load_pretrained(module, read_state_dict(path))
+    loaded = len(report.pop("loaded"))
+    print(f"{what}: loaded {loaded} tensors from {path}")
+    for kind, keys in report.items():
+        if keys:
+            print(f"  {kind} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+    if loaded == 0:
+        raise DataError(f"{path}: no tensor matches the {what}'s names")
+
+
+# -----------------------------------------------------------------------------
+# Benchmarks: ours and the reference, side by side in one run, interleaved step by step
+
+
+def _train_step_seconds(net: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:
+    start = time.perf_counter()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = net(x)
+    out.float().square().mean().backward()
+    net.zero_grad(set_to_none=True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_models(device: torch.device, batch: int, size: int, steps: int) -> list[dict]:
+    """Training-step throughput (forward + backward) of our networks vs torchvision's."""
+    from torchvision.models import resnet50 as tv_resnet50
+    from torchvision.models.vision_transformer import VisionTransformer as TvViT
+
+    pairs = {
+        "ResNet-50": (models.resnet50(), tv_resnet50()),
+        "ViT-S/16": (models.vit_small(img_size=size),
+                     TvViT(image_size=size, patch_size=16, num_layers=12, num_heads=6,
+                           hidden_dim=384, mlp_dim=1536)),
+    }
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    for name, (ours, theirs) in pairs.items():
+        ours.to(device).train()
+        theirs.to(device).train()
+        for amp in (False, True):
+            times = {"ours": [], "theirs": []}
+            for step in range(steps + 1):  # step 0 warms up
+                order = (("ours", ours), ("theirs", theirs))
+                for who, net in order[::1 if step % 2 else -1]:  # alternate who goes first
+                    seconds = _train_step_seconds(net, x, amp)
+                    if step:
+                        times[who].append(seconds)
+            ips = {who: batch / float(np.median(t)) for who, t in times.items()}
+            rows.append({"model": name, "precision": "bf16 autocast" if amp else "float32",
+                         "ours": ips["ours"], "reference": ips["theirs"],
+                         "ratio": ips["ours"] / ips["theirs"]})
+            print(f"{name:10s} {rows[-1]['precision']:14s} ours {ips['ours']:7.2f} img/s   "
+                  f"reference {ips['theirs']:7.2f} img/s   ratio {rows[-1]['ratio']:.2f}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
 # Commands
 
 
@@ -512,6 +600,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     raise DataError("training is not implemented yet; the data step above succeeded")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    print(f"bench {args.what} on {device} ({torch.get_num_threads()} threads), "
+          f"batch {args.batch}, {args.size} px, median of {args.steps} steps")
+    bench_models(device, args.batch, args.size, args.steps)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsss.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -534,6 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train teacher and student, write pseudo masks")
     p.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA} on first use)")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("bench", help="benchmarks that print figures side by side")
+    p.add_argument("what", choices=["models"], help="models: training-step throughput, "
+                   "ours vs torchvision, float32 and bfloat16 autocast")
+    p.add_argument("--batch", type=int, default=8, help="images a step (default: 8)")
+    p.add_argument("--size", type=int, default=224, help="image side (default: 224)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps a row (default: 5)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: auto)")
+    p.set_defaults(run=cmd_bench)
     return parser
 
 

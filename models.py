@@ -1,0 +1,460 @@
+"""The two architectures of the method, from scratch in plain torch.
+
+- ResNet (He et al. 2016) with torchvision's parameter names, so torchvision's weights load
+  one-to-one, and an output-stride option (dilated last stages) for CAMs.
+- ViT (Dosovitskiy et al. 2021) with timm's parameter names, so DeiT, DINO and AugReg weights
+  load one-to-one; hand-written attention that can return its maps.
+- Teacher = ResNet + 1x1 classifier (+ SEAM's pixel correlation module); Student = ViT +
+  class-token head + 1x1 projection of the patch tokens. Both return (logits, maps).
+
+Networks only: tensors in, tensors out; no files, no argv.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# ResNet, after torchvision/models/resnet.py (names kept for one-to-one weight loading)
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    """3x3 convolution; padding = dilation keeps the spatial size at stride 1."""
+    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation,
+                     dilation=dilation, bias=False)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, dilation: int = 1):
+        super().__init__()
+        self.conv1 = conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, dilation=dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)  # in place: saves a copy
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    # The stride sits on the 3x3 conv (ResNet v1.5), as in torchvision.
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, dilation: int = 1):
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x if self.downsample is None else self.downsample(x)  # in place: saves a copy
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """ResNet with an output stride of 32, 16 or 8.
+
+    Output stride 16 (8) replaces the stride of layer4 (layer3 and layer4) by dilation, the
+    DeepLab way, so CAMs come out at 1/16 (1/8) of the input. `width` is the channel count of
+    the stem and first stage (64 in the paper); smaller widths make CPU-sized networks.
+    `num_classes=0` drops the classifier (`fc` becomes the identity).
+    """
+
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
+                 num_classes: int = 1000, output_stride: int = 32, width: int = 64):
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        dilate = {32: (False, False, False), 16: (False, False, True),
+                  8: (False, True, True)}[output_stride]
+        self.inplanes = width
+        self.dilation = 1
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2, dilate=dilate[0])
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2, dilate=dilate[1])
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2, dilate=dilate[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.num_features = width * 8 * block.expansion
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        previous_dilation = self.dilation
+        if dilate:  # keep the resolution, widen the receptive field instead
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * block.expansion, stride),
+                                       nn.BatchNorm2d(planes * block.expansion))
+        # The first block still sees the previous dilation, as in torchvision and DeepLab.
+        layers = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes, dilation=self.dilation))
+        return nn.Sequential(*layers)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B,3,H,W) -> the outputs of layer1..layer4."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stages = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            stages.append(x)
+        return stages
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> (B, num_features, H/os, W/os)."""
+        return self.forward_stages(x)[-1]
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(features), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def resnet18(**kwargs) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
+
+
+def resnet34(**kwargs) -> ResNet:
+    return ResNet(BasicBlock, [3, 4, 6, 3], **kwargs)
+
+
+def resnet50(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
+
+
+def resnet101(**kwargs) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 23, 3], **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# Vision Transformer, after timm/models/vision_transformer.py (names kept)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(1, 1+g*g, D) class + square-grid position embeddings -> (1, 1+h*w, D), bicubic."""
+    cls_pos, grid_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    g = math.isqrt(grid_pos.shape[1])
+    grid_pos = grid_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1,g*g,D) -> (1,D,g,g)
+    grid_pos = F.interpolate(grid_pos, size=(h, w), mode="bicubic", align_corners=False)
+    grid_pos = grid_pos.flatten(2).transpose(1, 2)  # (1,D,h,w) -> (1,h*w,D)
+    return torch.cat([cls_pos, grid_pos], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B,3,H,W) -> (B,D,h,w)
+        return x.flatten(2).transpose(1, 2)  # (B,D,h,w) -> (B,h*w,D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B,N,3,h,d) -> 3 x (B,h,N,d)
+        attn = None
+        if return_attn:  # written out, so the maps can be returned
+            attn = (q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)  # (B,h,N,N)
+            x = attn @ v
+        else:  # the fused kernel (flash / memory-efficient where available)
+            x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B, N, D)  # (B,h,N,d) -> (B,N,D)
+        return self.proj(x), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        h, attn = self.attn(self.norm1(x), return_attn)
+        x = x + h
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token. Any input whose sides are multiples of the patch size works:
+    the position embeddings (stored for img_size) are resized bicubically, as timm does."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 num_classes: int = 1000):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        # timm's initialisation: truncated normal(0.02) for weights, zeros for biases.
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """Position embeddings for an (h, w) patch grid; exact (untouched) at the native grid."""
+        if h == w == self.grid:
+            return self.pos_embed
+        return resample_pos_embed(self.pos_embed, h, w)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) -> tokens (B, 1 + h*w, D) with class token and position embeddings."""
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
+        return tokens + self.interpolate_pos_embed(H // p, W // p)
+
+    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
+        """(B,3,H,W) -> normed tokens (B, 1+N, D), and with return_attn the list of every
+        block's attention maps, each (B, heads, 1+N, 1+N)."""
+        tokens = self.embed(x)
+        maps = []
+        for block in self.blocks:
+            tokens, attn = block(tokens, return_attn)
+            maps.append(attn)
+        tokens = self.norm(tokens)
+        return (tokens, maps) if return_attn else tokens
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(tokens[:, 0])  # the class token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def vit_tiny(**kwargs) -> VisionTransformer:
+    return VisionTransformer(**{"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
+                                **kwargs})
+
+
+def vit_small(**kwargs) -> VisionTransformer:
+    return VisionTransformer(**{"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6,
+                                **kwargs})
+
+
+def vit_base(**kwargs) -> VisionTransformer:
+    return VisionTransformer(**{"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12,
+                                **kwargs})
+
+
+def vit_state_dict_from_torchvision(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision.models.VisionTransformer's state dict under our (timm's) names."""
+    out = {
+        "patch_embed.proj.weight": sd["conv_proj.weight"],
+        "patch_embed.proj.bias": sd["conv_proj.bias"],
+        "cls_token": sd["class_token"],
+        "pos_embed": sd["encoder.pos_embedding"],
+        "norm.weight": sd["encoder.ln.weight"],
+        "norm.bias": sd["encoder.ln.bias"],
+    }
+    if "heads.head.weight" in sd:
+        out["head.weight"] = sd["heads.head.weight"]
+        out["head.bias"] = sd["heads.head.bias"]
+    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.layers.")})
+    names = {"ln_1": "norm1", "ln_2": "norm2", "self_attention.in_proj_": "attn.qkv.",
+             "self_attention.out_proj.": "attn.proj.", "mlp.0.": "mlp.fc1.", "mlp.3.": "mlp.fc2."}
+    for i in range(depth):
+        prefix = f"encoder.layers.encoder_layer_{i}."
+        for key, value in sd.items():
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                for theirs, ours in names.items():
+                    rest = rest.replace(theirs, ours)
+                out[f"blocks.{i}.{rest}"] = value
+    return out
+
+
+# -----------------------------------------------------------------------------
+# The WSSS networks: teacher and student
+
+
+class PixelCorrelation(nn.Module):
+    """SEAM's pixel correlation module (Wang et al. 2020, eq. 7): refine a CAM by propagating
+    it along feature affinities, y_i = sum_j relu(cos(f_i, f_j)) y_j / sum_j relu(cos(f_i, f_j)).
+
+    Features are the image and two backbone stages, detached as in SEAM, so the module learns
+    its own affinity embedding without pulling the classifier's features.
+    """
+
+    def __init__(self, in_channels: int, dim: int = 64):
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels + 3, dim, 1, bias=False)
+
+    def forward(self, cam: torch.Tensor, image: torch.Tensor,
+                features: list[torch.Tensor]) -> torch.Tensor:
+        B, K, h, w = cam.shape
+        image = F.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)
+        feats = [F.interpolate(f.detach(), size=(h, w), mode="bilinear", align_corners=False)
+                 for f in features]
+        f = self.embed(torch.cat([image, *feats], dim=1)).flatten(2)  # (B,dim,h,w) -> (B,dim,hw)
+        f = F.normalize(f, dim=1)
+        aff = F.relu(f.transpose(1, 2) @ f)  # (B,hw,hw) cosine affinities
+        aff = aff / (aff.sum(dim=1, keepdim=True) + 1e-5)  # each column sums to one
+        return (cam.flatten(2) @ aff).reshape(B, K, h, w)  # (B,K,hw) @ (B,hw,hw) -> (B,K,h,w)
+
+
+class Teacher(nn.Module):
+    """ResNet + 1x1 classifier: the class maps are the CAMs themselves (Zhou et al. 2016).
+
+    maps = cam (+ PCM(cam) with `pcm`), (B, K, H/os, W/os); logits = global average of the
+    maps, so the class score is the mean of what the map shows.
+    """
+
+    def __init__(self, backbone: ResNet, num_classes: int, pcm: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.num_features, num_classes, 1, bias=False)
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        self.pcm = None
+        if pcm:
+            stage3 = backbone.layer3[-1]
+            c3 = (stage3.bn3 if isinstance(stage3, Bottleneck) else stage3.bn2).num_features
+            self.pcm = PixelCorrelation(c3 + backbone.num_features)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stages = self.backbone.forward_stages(x)
+        maps = self.classifier(stages[-1])  # (B,C,h,w) -> (B,K,h,w)
+        if self.pcm is not None:
+            maps = maps + self.pcm(maps, x, stages[2:])
+        logits = maps.mean(dim=(2, 3))
+        return logits, maps
+
+
+class Student(nn.Module):
+    """ViT + class-token head (the classifier) + 1x1 projection of the patch tokens to the
+    teacher's channel count (the map the alignment loss reads).
+
+    The ViT's own `head` is the classifier, so timm checkpoints load into `student.backbone`.
+    """
+
+    def __init__(self, backbone: VisionTransformer, map_channels: int):
+        super().__init__()
+        self.backbone = backbone
+        self.proj = nn.Conv2d(backbone.embed_dim, map_channels, 1)
+
+    def tokens_to_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # -> (B,D,h,w)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.backbone.patch_size
+        tokens = self.backbone.forward_features(x)
+        logits = self.backbone.forward_head(tokens)
+        maps = self.proj(self.tokens_to_map(tokens, x.shape[2] // p, x.shape[3] // p))
+        return logits, maps
+
+    def forward_gradcam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the last block's norm1 output (B, 1+N, D), the layer Grad-CAM reads for
+        ViTs (the paper; pytorch-grad-cam's ViT recipe). After the last block, patch tokens no
+        longer reach the class token, so their gradient would be zero."""
+        vit = self.backbone
+        tokens = vit.embed(x)
+        for block in vit.blocks[:-1]:
+            tokens, _ = block(tokens)
+        last = vit.blocks[-1]
+        normed = last.norm1(tokens)
+        tokens = tokens + last.attn(normed)[0]  # the rest of Block.forward, on `normed`
+        tokens = tokens + last.mlp(last.norm2(tokens))
+        return vit.forward_head(vit.norm(tokens)), normed
+
+
+# -----------------------------------------------------------------------------
+# Loading pretrained weights (the file is read by the caller; this matches names and shapes)
+
+
+def load_pretrained(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Load `state_dict` into `module`, dropping entries whose shape differs (a classification
+    head for another class count) and reporting what was missing or unexpected. ViT position
+    embeddings stored for another input size are resampled to the module's grid.
+
+    Returns {"loaded": [...], "missing": [...], "unexpected": [...], "dropped": [...]}.
+    """
+    own = module.state_dict()
+    state_dict = dict(state_dict)
+    for key in [k for k in own if k.endswith("pos_embed") and k in state_dict]:
+        if state_dict[key].shape != own[key].shape:  # a checkpoint for another input size
+            g = math.isqrt(own[key].shape[1] - 1)
+            state_dict[key] = resample_pos_embed(state_dict[key], g, g)
+    dropped = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    kept = {k: v for k, v in state_dict.items() if k not in dropped}
+    result = module.load_state_dict(kept, strict=False)
+    return {"loaded": [k for k in kept if k in own], "missing": list(result.missing_keys),
+            "unexpected": list(result.unexpected_keys), "dropped": dropped}
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
