@@ -427,6 +427,8 @@ class Student(nn.Module):
             tokens, _ = block(tokens)
         last = vit.blocks[-1]
         normed = last.norm1(tokens)
+        if not normed.requires_grad:  # a frozen student: make this layer the graph's leaf
+            normed.requires_grad_(True)
         tokens = tokens + last.attn(normed)[0]  # the rest of Block.forward, on `normed`
         tokens = tokens + last.mlp(last.norm2(tokens))
         return vit.forward_head(vit.norm(tokens)), normed

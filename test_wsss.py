@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import losses
 import models
 import wsss
 
@@ -412,3 +413,147 @@ def test_bad_weights_files(tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(wsss.DataError, match="no tensor matches"):
         wsss.load_weights(net, tmp_path / "other.pt", "teacher")
+
+
+# -----------------------------------------------------------------------------
+# Losses: hand-made inputs with known values
+
+
+def test_classification_loss_is_bce():
+    logits = torch.tensor([[2.0, -1.0], [0.0, 3.0]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    p = torch.sigmoid(logits)
+    expected = -(labels * p.log() + (1 - labels) * (1 - p).log()).mean()
+    assert torch.allclose(losses.classification_loss(logits, labels), expected)
+
+
+@pytest.mark.parametrize("reduce", losses.ALIGN_REDUCES)
+def test_cosine_alignment_identical_zero_opposite_two(reduce):
+    torch.manual_seed(0)
+    s = torch.randn(2, 3, 4, 4)
+    assert losses.alignment_loss(s, s, "cosine", reduce).abs() < 1e-6
+    assert losses.alignment_loss(s, 5 * s, "cosine", reduce).abs() < 1e-6  # scale-free
+    assert (losses.alignment_loss(s, -s, "cosine", reduce) - 2).abs() < 1e-6
+
+
+def test_cosine_reduce_modes_differ_as_documented():
+    torch.manual_seed(0)
+    s = torch.rand(1, 2, 4, 4) + 0.1
+    per_channel = s * torch.tensor([1.0, 10.0])[None, :, None, None]  # each channel rescaled
+    per_location = s * (torch.rand(1, 1, 4, 4) + 0.5)  # each location rescaled
+    assert losses.alignment_loss(s, per_channel, "cosine", "channel") < 1e-6
+    assert losses.alignment_loss(s, per_channel, "cosine", "spatial") > 1e-3
+    assert losses.alignment_loss(s, per_channel, "cosine", "global") > 1e-3
+    assert losses.alignment_loss(s, per_location, "cosine", "spatial") < 1e-6
+    assert losses.alignment_loss(s, per_location, "cosine", "channel") > 1e-3
+
+
+def test_l1_l2_alignment_values_and_teacher_resizing():
+    s = torch.zeros(1, 1, 2, 2)
+    t = torch.full((1, 1, 8, 8), 2.0)  # a constant teacher map on a finer grid
+    assert losses.alignment_loss(s, t, "l1") == 2.0
+    assert losses.alignment_loss(s, t, "l2") == 4.0
+    with pytest.raises(ValueError, match="global"):
+        losses.alignment_loss(s, t, "l1", "channel")
+    with pytest.raises(ValueError, match="kind"):
+        losses.alignment_loss(s, t, "kl")
+
+
+def test_alignment_gradient_reaches_only_the_student():
+    student = tiny_student(map_channels=2)
+    teacher = tiny_teacher(pcm=False)
+    x = torch.randn(2, 3, 32, 32)
+    _, s_map = student(x)
+    _, t_map = teacher(x)
+    losses.alignment_loss(s_map, t_map).backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.proj.weight.grad.abs().sum() > 0
+
+
+def test_consistency_loss_zero_for_equivariant_maps():
+    maps = torch.linspace(0, 1, 8).expand(2, 1, 8, 8)  # a left-to-right ramp
+    aug = losses.flip_and_resize(maps, (6, 6), flip=True)
+    assert losses.consistency_loss(aug, losses.flip_and_resize(maps, (6, 6), True)) < 1e-6
+    assert losses.consistency_loss(3 * aug, aug) < 1e-4  # maps are max-normalised first
+    assert losses.consistency_loss(aug, losses.flip_and_resize(maps, (6, 6), False)) > 0.05
+    # The target is resized to the augmented grid when they differ.
+    assert losses.consistency_loss(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 8, 8)) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# Training: tiny end-to-end runs
+
+TINY = ("--image-size", 32, "--teacher-width", 8, "--student-depth", 2, "--batch-size", 4,
+        "--teacher-epochs", 2, "--student-epochs", 2, "--cam-scales", 1.0, "--log-every", 1)
+
+
+def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY,
+                             "--consistency-weight", 0.5)
+    assert code == 0, err
+    assert "student epoch 2/2 step 3/3 cls" in out and "align" in out and "cons" in out
+    config = wsss.RunConfig.from_dict(wsss.json.loads((run / "config.json").read_text()))
+    assert config.model.image_size == 32 and config.cam.cam_scales == (1.0,)
+    for name, build in (("teacher", wsss.build_teacher), ("student", wsss.build_student)):
+        ckpt = wsss.load_checkpoint(run / f"{name}.pt")
+        assert ckpt["epoch"] == 2 and ckpt["done"] and ckpt["config"] == config.to_dict()
+        build(config.model, 1).load_state_dict(ckpt["model"])
+    assert len(list((run / "pseudo").glob("*.png"))) == 12
+    assert (run / "overlays.png").is_file() and "student epoch" in (run / "log.txt").read_text()
+    scores = wsss.json.loads((run / "scores.json").read_text())
+    assert 0 <= scores["smoke_iou"] <= 100 and 0 <= scores["context_fp"] <= 100
+    # Existing run folders are not overwritten.
+    code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY)
+    assert code == 2 and "--force" in err
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, synth_dir, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_cli(capsys, "train", "--data", synth_dir, "--out", full, *TINY)[0] == 0
+    calls = {"n": 0}
+    real = losses.alignment_loss
+
+    def interrupted(*args, **kwargs):  # Ctrl-C in the middle of the student's second epoch
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "alignment_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        wsss.main(["train", "--data", str(synth_dir), "--out", str(cut), *map(str, TINY)])
+    assert wsss.load_checkpoint(cut / "student.pt")["epoch"] == 1
+    monkeypatch.setattr(losses, "alignment_loss", real)
+    code, out, _ = run_cli(capsys, "train", "--resume", cut)
+    assert code == 0 and "teacher: done in an earlier run" in out and "resuming after epoch 1" in out
+    for name in ("teacher", "student"):
+        a = wsss.load_checkpoint(full / f"{name}.pt")["model"]
+        b = wsss.load_checkpoint(cut / f"{name}.pt")["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys, synth_dir, monkeypatch):
+    calls = {"n": 0}
+    real = losses.classification_loss
+
+    def poisoned(logits, labels):
+        calls["n"] += 1
+        return real(logits, labels) * (float("nan") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setattr(losses, "classification_loss", poisoned)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY)
+    assert code == 1 and "loss is nan at epoch 2 step 2" in err and "Traceback" not in err
+    ckpt = wsss.load_checkpoint(run / "teacher.pt")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                      if v.is_floating_point())
+
+
+def test_co_training_trains_both(tmp_path, capsys, synth_dir):
+    run = tmp_path / "co"
+    code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY,
+                             "--mode", "co-train", "--cam-network", "teacher")
+    assert code == 0, err
+    assert "co-train epoch 2/2" in out and "teacher_cls" in out
+    assert wsss.load_checkpoint(run / "teacher.pt")["epoch"] == 2

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -28,7 +29,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+import losses
 import models
+import postprocess
 
 IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -82,6 +85,88 @@ class PrepareConfig:
     val_share: float = field(default=0.2, metadata=_help(
         "share of photographs held out for the validation split (all tiles of a photo together)"))
     seed: int = field(default=0, metadata=_help("seed of the train/val split of photographs"))
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = field(default="resnet18", metadata=_help(
+        "teacher backbone: resnet18, resnet34, resnet50 or resnet101"))
+    teacher_width: int = field(default=32, metadata=_help(
+        "channels of the teacher's first stage (64 = the standard ResNet)"))
+    output_stride: int = field(default=8, metadata=_help("teacher output stride: 8, 16 or 32"))
+    pcm: bool = field(default=False, metadata=_help(
+        "refine the teacher's CAM with SEAM's pixel correlation module"))
+    student: str = field(default="vit_tiny", metadata=_help(
+        "student backbone: vit_tiny, vit_small or vit_base"))
+    student_depth: int = field(default=6, metadata=_help("transformer blocks of the student"))
+    patch_size: int = field(default=8, metadata=_help("student patch size"))
+    image_size: int = field(default=128, metadata=_help("training image side in pixels"))
+    teacher_weights: str = field(default="", metadata=_help(
+        "local file of pretrained teacher backbone weights (torchvision names)"))
+    student_weights: str = field(default="", metadata=_help(
+        "local file of pretrained student backbone weights (timm or torchvision names)"))
+
+
+@dataclass
+class TrainConfig:
+    mode: str = field(default="distill", metadata=_help(
+        "distill: train the teacher, freeze it, then the student (the paper); "
+        "co-train: both from scratch together"))
+    teacher_epochs: int = field(default=8, metadata=_help("epochs of the teacher stage"))
+    student_epochs: int = field(default=8, metadata=_help("epochs of the student stage"))
+    batch_size: int = field(default=16, metadata=_help("images a step"))
+    lr: float = field(default=1e-3, metadata=_help(
+        "AdamW peak learning rate: linear warm-up over the first epoch, then cosine decay"))
+    weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
+    flip: bool = field(default=False, metadata=_help("random horizontal flips (the paper: none)"))
+    amp: str = field(default="auto", metadata=_help(
+        "mixed precision: auto (bf16 where the device supports it), bf16, fp16 (CUDA) or off"))
+    seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
+    device: str = field(default="auto", metadata=_help("cuda, mps, cpu or auto"))
+    workers: int = field(default=0, metadata=_help("data loader worker processes"))
+    log_every: int = field(default=20, metadata=_help("steps between progress lines"))
+
+
+@dataclass
+class LossConfig:
+    align_weight: float = field(default=1.0, metadata=_help(
+        "lambda, the weight of the alignment loss (0 = the student alone)"))
+    align_kind: str = field(default="cosine", metadata=_help("alignment: cosine, l1 or l2"))
+    align_reduce: str = field(default="global", metadata=_help(
+        "cosine over the whole map (global), each channel's map, or each location's channels"))
+    consistency_weight: float = field(default=0.0, metadata=_help(
+        "mu, the weight of the flip + rescale consistency loss of the student's maps"))
+    consistency_scale: float = field(default=0.75, metadata=_help(
+        "rescale factor of the consistency loss's augmented view"))
+
+
+@dataclass
+class CamConfig:
+    cam_network: str = field(default="student", metadata=_help(
+        "whose CAMs become pseudo masks: student or teacher"))
+    cam_method: str = field(default="gradcam", metadata=_help(
+        "student CAM: gradcam (on the last block's norm1, the paper) or proj (its 1x1 map)"))
+    cam_scales: tuple[float, ...] = field(default=(1.0, 1.5), metadata=_help(
+        "input scales averaged (the paper: 0.5 1 1.5 2)"))
+    cam_flip: bool = field(default=True, metadata=_help("also average the horizontally flipped input"))
+    threshold: float = field(default=0.3, metadata=_help(
+        "background score: a pixel is smoke where its normalised CAM exceeds it"))
+    cam_batch_size: int = field(default=32, metadata=_help("images a batch when computing CAMs"))
+
+
+CONFIGS = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "cam": CamConfig}
+
+# Presets: overrides of the defaults above. "cpu" fits a 2-core laptop in minutes; "paper" is
+# the paper's setting (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8).
+PRESETS = {
+    "cpu": {},
+    "paper": {
+        "model": dict(teacher="resnet50", teacher_width=64, output_stride=16, pcm=True,
+                      student="vit_base", student_depth=12, patch_size=16, image_size=512),
+        "train": dict(teacher_epochs=3, student_epochs=3, batch_size=8, lr=1e-4),
+        "cam": dict(cam_scales=(0.5, 1.0, 1.5, 2.0), cam_batch_size=8),
+    },
+}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -257,6 +342,13 @@ class SmokeDataset(Dataset):
         """Decode every file once, so that bad input stops a run before training, not during."""
         for i in range(len(self)):
             self[i]
+
+
+def verify_splits(root: Path) -> None:
+    """Read every file of the training split, and of the validation split when there is one."""
+    SmokeDataset(root, "train", size=None).verify()
+    if (root / "val.txt").exists():
+        SmokeDataset(root, "val", size=None).verify()
 
 
 def write_split(root: Path, split: str, rows: list[tuple[str, list[str]]]) -> None:
@@ -487,6 +579,290 @@ def ensure_default_data(path: Path) -> Path:
 
 
 # -----------------------------------------------------------------------------
+# Training: building the networks, the two stages, checkpoints, resume
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a NaN loss, an incompatible checkpoint): one line, exit code 1."""
+
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run, as saved in RUN/config.json and in each checkpoint."""
+    data: str
+    model: ModelConfig
+    train: TrainConfig
+    loss: LossConfig
+    cam: CamConfig
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        parts = {}
+        for name, config_cls in CONFIGS.items():
+            values = dict(d[name])
+            for f in dataclasses.fields(config_cls):
+                if f.name in values and getattr(f.type, "__origin__", None) is tuple:
+                    values[f.name] = tuple(values[f.name])
+            parts[name] = config_cls(**values)
+        return cls(data=d["data"], **parts)
+
+
+class Log:
+    """Prints a line and appends it to RUN/log.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp on this device, or None for float32."""
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise DataError("--amp fp16 needs a CUDA device (use bf16 or off)")
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp != "auto":
+        raise DataError(f"--amp must be auto, bf16, fp16 or off, got {amp!r}")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":  # fast only with AVX512-BF16 or AMX; slower than fp32 elsewhere
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
+
+
+def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
+    if config.teacher not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+        raise DataError(f"unknown teacher {config.teacher!r}")
+    backbone = getattr(models, config.teacher)(num_classes=0, output_stride=config.output_stride,
+                                               width=config.teacher_width)
+    if config.teacher_weights:
+        load_weights(backbone, Path(config.teacher_weights), "teacher")
+    return models.Teacher(backbone, num_classes, pcm=config.pcm)
+
+
+def build_student(config: ModelConfig, num_classes: int) -> models.Student:
+    if config.student not in ("vit_tiny", "vit_small", "vit_base"):
+        raise DataError(f"unknown student {config.student!r}")
+    if config.image_size % config.patch_size:
+        raise DataError(f"--image-size {config.image_size} is not a multiple of --patch-size "
+                        f"{config.patch_size}")
+    backbone = getattr(models, config.student)(img_size=config.image_size,
+                                               patch_size=config.patch_size,
+                                               depth=config.student_depth, num_classes=num_classes)
+    if config.student_weights:
+        load_weights(backbone, Path(config.student_weights), "student")
+    return models.Student(backbone, map_channels=num_classes)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, epoch: int, done: bool) -> None:
+    atomic_save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
+                 "model": net.state_dict(),
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "epoch": epoch, "done": done}, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read checkpoint ({e.__class__.__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise TrainingError(f"{path}: does not fit the configured network ({first[1].strip() if len(first) > 1 else first[0]})") from None
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int,
+                device: torch.device, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    """The data order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       generator=generator, num_workers=workers,
+                                       pin_memory=device.type == "cuda", drop_last=False)
+
+
+def student_losses(student: models.Student, images: torch.Tensor, labels: torch.Tensor,
+                   teacher_maps: torch.Tensor | None, config: LossConfig) -> dict:
+    """L = L_cls + lambda L_align + mu L_cons for one batch of the student."""
+    logits, maps = student(images)
+    terms = {"cls": losses.classification_loss(logits, labels)}
+    if teacher_maps is not None and config.align_weight > 0:
+        terms["align"] = losses.alignment_loss(maps, teacher_maps, config.align_kind,
+                                               config.align_reduce)
+    if config.consistency_weight > 0:
+        p = student.backbone.patch_size
+        side = max(p, round(images.shape[-1] * config.consistency_scale / p) * p)
+        flip = bool(torch.rand(()) < 0.5)
+        _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
+        terms["cons"] = losses.consistency_loss(maps_aug, losses.flip_and_resize(
+            maps, maps_aug.shape[-2:], flip))
+    weights = {"cls": 1.0, "align": config.align_weight, "cons": config.consistency_weight}
+    terms["loss"] = sum(weights[k] * v for k, v in terms.items())
+    return terms
+
+
+def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then cosine decay to zero: ViTs trained
+    from scratch diverge or stall without the warm-up. A function of the step alone, so a
+    resumed run follows the same schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dataset,
+                run: Path, config: RunConfig, epochs: int, device: torch.device,
+                log: Log) -> None:
+    """Generic epoch loop: `step(batch) -> {"loss": ..., other terms}`; trains every module in
+    `nets` with one AdamW, checkpoints RUN/<name>.pt atomically after every epoch, resumes from
+    those checkpoints, and stops on a non-finite loss with the last good checkpoint intact."""
+    t = config.train
+    params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    start = 0
+    paths = {name: run / f"{name}.pt" for name in nets}
+    if all(p.is_file() for p in paths.values()):
+        ckpts = {name: load_checkpoint(p) for name, p in paths.items()}
+        for name, net in nets.items():
+            restore(net, ckpts[name], paths[name])
+        start = min(c["epoch"] for c in ckpts.values())
+        optimizer_state = ckpts[next(iter(nets))]["optimizer"]
+        if start < epochs and optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        if start >= epochs:
+            log(f"{stage}: done in an earlier run ({start} epochs)")
+            return
+        log(f"{stage}: resuming after epoch {start}")
+    dtype = autocast_dtype(t.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    steps_per_epoch = -(-len(dataset) // t.batch_size)
+    total_steps = epochs * steps_per_epoch
+    total_images = (epochs - start) * len(dataset)
+    seen, began = 0, time.perf_counter()
+    for epoch in range(start, epochs):
+        torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws, resumable per epoch
+        for net in nets.values():
+            net.train()
+        sums: dict[str, float] = {}
+        loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device)
+        for i, batch in enumerate(loader, start=1):
+            images = batch["image"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                terms = step(images, labels)
+            loss = terms["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"{stage}: loss is {loss.item()} at epoch {epoch + 1} step {i}; stopped. "
+                    f"The last good checkpoint (epoch {epoch}) is intact in {run}; "
+                    f"try a lower --lr or --amp off")
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(t.lr, epoch * steps_per_epoch + i - 1,
+                                            steps_per_epoch, total_steps)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            seen += len(images)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            if i % t.log_every == 0 or i == steps_per_epoch:
+                elapsed = time.perf_counter() - began
+                ips = seen / elapsed
+                terms_text = " ".join(f"{k} {v / i:.4f}" for k, v in sums.items())
+                log(f"{stage} epoch {epoch + 1}/{epochs} step {i}/{steps_per_epoch} "
+                    f"{terms_text} | {ips:.1f} img/s | left {(total_images - seen) / ips:.0f} s")
+        for name, net in nets.items():
+            save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
+
+
+def freeze(net: torch.nn.Module) -> torch.nn.Module:
+    """The frozen teacher: eval mode (BatchNorm statistics fixed) and no gradients."""
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
+                   log: Log) -> tuple[models.Teacher, models.Student]:
+    """Stage 1 teacher, stage 2 student aligned to the frozen teacher (or both together)."""
+    k = len(dataset.classes)
+    torch.manual_seed(config.train.seed)
+    teacher = build_teacher(config.model, k).to(device)
+    student = build_student(config.model, k).to(device)
+    log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
+        f"parameters; student {config.model.student}: "
+        f"{models.count_parameters(student) / 1e6:.2f} M parameters")
+    t = config.train
+
+    def teacher_step(images, labels):
+        logits, _ = teacher(images)
+        loss = losses.classification_loss(logits, labels)
+        return {"loss": loss, "cls": loss}
+
+    if t.mode == "distill":
+        train_stage("teacher", {"teacher": teacher}, teacher_step, dataset, run, config,
+                    t.teacher_epochs, device, log)
+        freeze(teacher)
+
+        def student_step(images, labels):
+            teacher_maps = None
+            if config.loss.align_weight > 0:
+                with torch.no_grad():
+                    _, teacher_maps = teacher(images)
+            return student_losses(student, images, labels, teacher_maps, config.loss)
+
+        train_stage("student", {"student": student}, student_step, dataset, run, config,
+                    t.student_epochs, device, log)
+    elif t.mode == "co-train":
+        def joint_step(images, labels):
+            logits, teacher_maps = teacher(images)
+            cls_t = losses.classification_loss(logits, labels)
+            terms = student_losses(student, images, labels, teacher_maps, config.loss)
+            terms["loss"] = terms["loss"] + cls_t
+            terms["teacher_cls"] = cls_t
+            return terms
+
+        train_stage("co-train", {"teacher": teacher, "student": student}, joint_step, dataset,
+                    run, config, max(t.teacher_epochs, t.student_epochs), device, log)
+        freeze(teacher)
+    else:
+        raise DataError(f"--mode must be distill or co-train, got {t.mode!r}")
+    return teacher, freeze(student)
+
+
+# -----------------------------------------------------------------------------
 # Pretrained weights from a local file (nothing is downloaded)
 
 
@@ -521,6 +897,175 @@ def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
             print(f"  {kind} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
     if loaded == 0:
         raise DataError(f"{path}: no tensor matches the {what}'s names")
+
+
+# -----------------------------------------------------------------------------
+# CAMs: teacher CAM, student Grad-CAM or projection map; multi-scale and flip
+
+
+def teacher_cam(teacher: models.Teacher, images: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) -> (B,K,h,w): the teacher's class maps (its CAM, + PCM when it has one)."""
+    with torch.no_grad():
+        return teacher(images)[1].float()
+
+
+def student_proj_cam(student: models.Student, images: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) -> (B,K,h,w): the student's 1x1 projection of its patch tokens."""
+    with torch.no_grad():
+        return student(images)[1].float()
+
+
+def student_gradcam(student: models.Student, images: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) on the last block's norm1 tokens, class token dropped:
+    cam_k = ReLU( sum_d  mean_n(d y_k / d A_nd) * A_nd ).  (B,3,H,W) -> (B,K,h,w)."""
+    p = student.backbone.patch_size
+    h, w = images.shape[2] // p, images.shape[3] // p
+    with torch.enable_grad():
+        logits, tokens = student.forward_gradcam(images)
+        cams = []
+        for k in range(logits.shape[1]):
+            grad, = torch.autograd.grad(logits[:, k].sum(), tokens, retain_graph=True)
+            weights = grad[:, 1:].mean(dim=1, keepdim=True)  # (B,1,D): pooled gradients
+            cam = (tokens[:, 1:] * weights).sum(dim=-1)  # (B,N,D) -> (B,N)
+            cams.append(F.relu(cam).reshape(-1, h, w).detach())
+    return torch.stack(cams, dim=1).float()
+
+
+def multiscale_cam(cam_fn, images: torch.Tensor, scales: tuple[float, ...], flip: bool,
+                   multiple: int) -> torch.Tensor:
+    """Sum of ReLU'd CAMs over input scales (and the flipped input), at the input size.
+    Scaled sides are rounded to a multiple of `multiple` (the student's patch size)."""
+    B, _, H, W = images.shape
+    total = None
+    for scale in scales:
+        size = (max(multiple, round(H * scale / multiple) * multiple),
+                max(multiple, round(W * scale / multiple) * multiple))
+        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            cam = F.relu(cam_fn(x.flip(-1) if flipped else x))
+            cam = cam.flip(-1) if flipped else cam
+            cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)
+            total = cam if total is None else total + cam
+    return total
+
+
+def cam_function(config: CamConfig, teacher: models.Teacher | None,
+                 student: models.Student | None):
+    """(function images -> CAMs, the size multiple its inputs need) for the configured CAM."""
+    if config.cam_network == "teacher":
+        return (lambda x: teacher_cam(teacher, x)), 1
+    if config.cam_network != "student":
+        raise DataError(f"--cam-network must be teacher or student, got {config.cam_network!r}")
+    if config.cam_method not in ("gradcam", "proj"):
+        raise DataError(f"--cam-method must be gradcam or proj, got {config.cam_method!r}")
+    fn = student_gradcam if config.cam_method == "gradcam" else student_proj_cam
+    return (lambda x: fn(student, x)), student.backbone.patch_size
+
+
+def pseudo_masks(dataset: "SmokeDataset", cam_config: CamConfig, teacher, student,
+                 device: torch.device, amp: str = "off"):
+    """Yield (stems, rgb, masks (B,H,W) uint8, cams (B,K,H,W)) for every image of the split,
+    from the configured CAMs, normalised, gated by the image labels and thresholded."""
+    fn, multiple = cam_function(cam_config, teacher, student)
+    dtype = autocast_dtype(amp, device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cam_config.cam_batch_size)
+    for batch in loader:
+        images = batch["image"].to(device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            cams = multiscale_cam(fn, images, cam_config.cam_scales, cam_config.cam_flip, multiple)
+        cams = postprocess.normalize_cams(cams, batch["label"].to(device))
+        probs = postprocess.cams_to_probs(cams, "threshold", cam_config.threshold)
+        yield batch["stem"], batch["rgb"], postprocess.probs_to_mask(probs).cpu(), cams.cpu()
+
+
+def save_mask(mask: torch.Tensor, path: Path) -> None:
+    Image.fromarray(mask.numpy().astype(np.uint8)).save(path)
+
+
+def overlay_grid(rgbs: list[torch.Tensor], masks: list[torch.Tensor], path: Path,
+                 num_classes: int) -> None:
+    """Photos and their masks over them (smoke red), in a grid a person can look at."""
+    from torchvision.utils import draw_segmentation_masks, make_grid
+    tiles = []
+    for rgb, mask in zip(rgbs, masks):
+        onehot = torch.stack([mask == k for k in range(1, num_classes + 1)])
+        tiles += [rgb, draw_segmentation_masks(rgb, onehot, alpha=0.55,
+                                               colors=["red", "cyan", "yellow", "lime"][:num_classes])]
+    grid = make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: masks against ground truth (255 ignored)
+
+
+class Scores:
+    """Accumulates a confusion matrix, per-image smoke IoU and context false positives."""
+
+    def __init__(self, num_classes: int):
+        self.n = num_classes + 1  # background first
+        self.confusion = torch.zeros(self.n, self.n, dtype=torch.int64)  # [truth, prediction]
+        self.image_ious: list[float] = []
+        self.context_pixels = 0
+        self.context_called_fg = 0
+
+    def add(self, pred: torch.Tensor, truth: torch.Tensor, context: torch.Tensor | None = None):
+        """pred, truth: (H, W) class indices (truth 255 = ignore); context: (H, W) bool."""
+        valid = truth != IGNORE
+        p, t = pred[valid].long(), truth[valid].long()
+        self.confusion += torch.bincount(t * self.n + p.clamp(max=self.n - 1),
+                                         minlength=self.n ** 2).reshape(self.n, self.n)
+        fg_t, fg_p = t > 0, p > 0
+        if fg_t.any():  # the paper's figure: IoU averaged over images that show smoke
+            self.image_ious.append(((fg_t & fg_p).sum() / (fg_t | fg_p).sum()).item())
+        if context is not None:
+            self.context_pixels += int(context.sum())
+            self.context_called_fg += int((context & (pred > 0) & (pred != IGNORE)).sum())
+
+    def result(self) -> dict:
+        c = self.confusion.double()
+        tp = c.diag()
+        iou = tp / (c.sum(0) + c.sum(1) - tp).clamp(min=1)
+        fg_tp = c[1:, 1:].sum()
+        return {
+            "smoke_iou": 100 * iou[1].item() if self.n == 2 else 100 * iou[1:].mean().item(),
+            "miou": 100 * iou.mean().item(),
+            "per_class_iou": [100 * v for v in iou.tolist()],
+            "precision": 100 * (fg_tp / c[:, 1:].sum().clamp(min=1)).item(),
+            "recall": 100 * (fg_tp / c[1:, :].sum().clamp(min=1)).item(),
+            "image_iou": 100 * float(np.mean(self.image_ious)) if self.image_ious else float("nan"),
+            "context_fp": (100 * self.context_called_fg / self.context_pixels
+                           if self.context_pixels else float("nan")),
+        }
+
+
+def format_scores(name: str, r: dict) -> str:
+    return (f"{name}: smoke IoU {r['smoke_iou']:.1f}  mIoU {r['miou']:.1f}  "
+            f"precision {r['precision']:.1f}  recall {r['recall']:.1f}  "
+            f"per-image IoU {r['image_iou']:.1f}  chimney called smoke {r['context_fp']:.1f} %")
+
+
+def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam_config: CamConfig, teacher,
+                       student, device: torch.device, amp: str, overlays: Path | None) -> dict | None:
+    """Masks for every image of the split into `out`, an overlay grid, and their scores
+    against the ground truth when the dataset has masks."""
+    out.mkdir(parents=True, exist_ok=True)
+    scores = Scores(len(dataset.classes)) if dataset.has_masks else None
+    shown_rgb, shown_mask = [], []
+    index = 0
+    for stems, rgbs, masks, _ in pseudo_masks(dataset, cam_config, teacher, student, device, amp):
+        for stem, rgb, mask in zip(stems, rgbs, masks):
+            save_mask(mask, out / f"{stem}.png")
+            if scores is not None:
+                item = dataset[index]
+                scores.add(mask, item["mask"], item.get("context"))
+            if len(shown_rgb) < 16 and dataset.samples[index].labels:
+                shown_rgb.append(rgb)
+                shown_mask.append(mask)
+            index += 1
+    if overlays is not None and shown_rgb:
+        overlay_grid(shown_rgb, shown_mask, overlays, len(dataset.classes))
+    return scores.result() if scores is not None else None
 
 
 # -----------------------------------------------------------------------------
@@ -591,13 +1136,50 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}: {json.dumps(counts)}")
 
 
+def config_from_flags(args: argparse.Namespace) -> RunConfig:
+    """The preset's values, then every flag the user gave."""
+    preset = PRESETS[args.preset]
+    parts = {name: config_from_args(cls, args, cls(**preset.get(name, {})))
+             for name, cls in CONFIGS.items()}
+    return RunConfig(data=str(args.data or DEFAULT_DATA), **parts)
+
+
+def peak_memory_mb() -> float:
+    import resource  # POSIX; ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    data = Path(args.data) if args.data else ensure_default_data(DEFAULT_DATA)
-    for split in ("train", "val"):
-        dataset = SmokeDataset(data, split, size=None)
-        dataset.verify()
-        print(f"{data} {split}: {len(dataset)} images, classes {dataset.classes}")
-    raise DataError("training is not implemented yet; the data step above succeeded")
+    began = time.perf_counter()
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.json").is_file():
+            raise DataError(f"{run / 'config.json'}: not found; --resume takes a run folder")
+        config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    else:
+        config = config_from_flags(args)
+        run = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+        if not args.data:
+            ensure_default_data(DEFAULT_DATA)
+        verify_splits(Path(config.data))  # bad data stops here, before a run folder is made
+        fresh_output_dir(run, args.force)
+        (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    log = Log(run / "log.txt")
+    log(f"run {run}: " + json.dumps(config.to_dict()))
+    size = config.model.image_size
+    dataset = SmokeDataset(config.data, "train", size=size, flip=config.train.flip)
+    device = pick_device(config.train.device)
+    log(f"{config.data}: {len(dataset)} training images, classes {dataset.classes}; device "
+        f"{device}, autocast {autocast_dtype(config.train.amp, device)}")
+    teacher, student = train_networks(run, config, dataset, device, log)
+    plain = SmokeDataset(config.data, "train", size=size)
+    scores = write_pseudo_masks(plain, run / "pseudo", config.cam, teacher, student, device,
+                                config.train.amp, run / "overlays.png")
+    log(f"pseudo masks: {run / 'pseudo'} ({len(plain)} PNGs), overlays: {run / 'overlays.png'}")
+    if scores is not None:
+        log(format_scores(f"pseudo masks vs ground truth ({config.cam.cam_network} CAM)", scores))
+        (run / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    log(f"wall time {time.perf_counter() - began:.0f} s, peak memory {peak_memory_mb():.0f} MB")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -628,6 +1210,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train teacher and student, write pseudo masks")
     p.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA} on first use)")
+    p.add_argument("--out", help="run folder to write (default: runs/<date-time>)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="cpu: sizes for a 2-core laptop (default); paper: the paper's setting, "
+                        "for a GPU")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped "
+                   "(its config.json is used; other flags are ignored)")
+    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+    for name, cls in CONFIGS.items():
+        add_config_flags(p.add_argument_group(f"{name} settings"), cls)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("bench", help="benchmarks that print figures side by side")
@@ -648,6 +1239,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,87 @@
+"""The losses of the method, as small pure functions of tensors.
+
+    L = L_cls + lambda * L_align + mu * L_cons        (lambda = 1 in the paper)
+
+- classification_loss: multi-label BCE on image labels (both networks).
+- alignment_loss: the cross-architecture knowledge transfer, student map -> frozen teacher map.
+- consistency_loss: equivariance of the student's maps under flip + rescale (SEAM's ECR idea).
+"""
+
+import torch
+import torch.nn.functional as F
+
+ALIGN_KINDS = ("cosine", "l1", "l2")
+ALIGN_REDUCES = ("global", "channel", "spatial")
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label binary cross-entropy, averaged over images and classes.
+
+    L_cls = -mean_{b,k} [ y_bk log s(z_bk) + (1 - y_bk) log(1 - s(z_bk)) ],  s = sigmoid.
+    logits, labels: (B, K); labels are 0/1 floats.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
+                   kind: str = "cosine", reduce: str = "global") -> torch.Tensor:
+    """Knowledge transfer from the frozen teacher's map T to the student's map S.
+
+    T is resized (bilinear) to S's grid and detached: no gradient reaches the teacher.
+    S: (B, C, h, w); T: (B, C, H, W). With v(.) the vectors compared:
+      cosine: L = mean over vectors of 1 - <v(S), v(T)> / (|v(S)| |v(T)|)  in [0, 2];
+        reduce="global":  one vector a image, the flattened C*h*w map (the paper's best);
+        reduce="channel": one vector a (image, channel), its h*w map;
+        reduce="spatial": one vector a (image, location), its C channel values.
+      l1: L = mean |S - T|;  l2: L = mean (S - T)^2  (over all elements; reduce must be
+        "global", the only reduction the paper uses with them).
+    """
+    if kind not in ALIGN_KINDS:
+        raise ValueError(f"kind must be one of {ALIGN_KINDS}, got {kind!r}")
+    if reduce not in ALIGN_REDUCES:
+        raise ValueError(f"reduce must be one of {ALIGN_REDUCES}, got {reduce!r}")
+    s = student_map.float()
+    t = F.interpolate(teacher_map.detach().float(), size=s.shape[-2:], mode="bilinear",
+                      align_corners=False)
+    if kind == "l1" or kind == "l2":
+        if reduce != "global":
+            raise ValueError(f"{kind} alignment supports reduce='global' only")
+        return F.l1_loss(s, t) if kind == "l1" else F.mse_loss(s, t)
+    B, C = s.shape[:2]
+    if reduce == "global":
+        s, t = s.reshape(B, -1), t.reshape(B, -1)  # (B,C,h,w) -> (B, C*h*w)
+    elif reduce == "channel":
+        s, t = s.reshape(B, C, -1), t.reshape(B, C, -1)  # (B,C,h,w) -> (B, C, h*w)
+    else:  # spatial: compare along the channel dimension
+        s, t = s.reshape(B, C, -1).transpose(1, 2), t.reshape(B, C, -1).transpose(1, 2)
+    return (1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean()
+
+
+def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
+    """The augmentation of the consistency loss: bilinear resize to `size`, then an optional
+    horizontal flip. x: (B, C, H, W) -> (B, C, *size). Applied to images and to maps alike."""
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x.flip(-1) if flip else x
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """ReLU, then divide each (image, class) map by its maximum: (B,C,h,w) -> values in [0, 1]."""
+    maps = F.relu(maps.float())
+    return maps / (maps.amax(dim=(2, 3), keepdim=True) + 1e-5)
+
+
+def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Tensor
+                     ) -> torch.Tensor:
+    """Equivariance of the maps under an augmentation A (flip + rescale), SEAM-style:
+
+    L_cons = mean | n(M(A(x))) - n(A(M(x))) |,  n = ReLU + per-map max normalisation.
+
+    map_of_transformed: M(A(x)), (B, C, h, w), the maps of the augmented image;
+    transformed_map: A(M(x)), (B, C, h', w'), the maps of the image put through A; it is
+    resized to (h, w) when the grids differ. Gradients flow into both (both are the student's).
+    """
+    target = transformed_map
+    if target.shape[-2:] != map_of_transformed.shape[-2:]:
+        target = F.interpolate(target, size=map_of_transformed.shape[-2:], mode="bilinear",
+                               align_corners=False)
+    return F.l1_loss(normalize_maps(map_of_transformed), normalize_maps(target))

@@ -1,0 +1,260 @@
+"""From class activation maps to pseudo masks.
+
+Functions of tensors only (images, CAMs, probabilities), batched, on any device:
+    cams_to_probs  ->  (dense_crf)  ->  probs_to_mask
+"""
+
+import functools
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = 255
+
+
+def normalize_cams(cams: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """ReLU and per-(image, class) max normalisation; classes absent from the image label are
+    zeroed (the label is known for training images, as in every WSSS pipeline).
+
+    cams: (B, K, H, W) foreground maps; labels: (B, K) multi-hot or None -> (B, K, H, W) in [0, 1].
+    """
+    cams = F.relu(cams.float())
+    cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    if labels is not None:
+        cams = cams * labels[:, :, None, None].to(cams)
+    return cams
+
+
+def cams_to_probs(cams: torch.Tensor, background: str = "threshold", threshold: float = 0.3,
+                  alpha: float = 48.0) -> torch.Tensor:
+    """Normalised CAMs (B, K, H, W) -> scores with background first, (B, 1+K, H, W).
+
+    background="threshold": a constant background score `threshold` (the paper's 0.3): a pixel
+      is foreground where some class map exceeds it.
+    background="power": (1 - max_k cam)^alpha, psa's background for the CRF (the paper: 48).
+    The scores are renormalised to sum to one per pixel, so they can serve as CRF unaries.
+    """
+    if background == "threshold":
+        bg = torch.full_like(cams[:, :1], threshold)
+    elif background == "power":
+        bg = (1 - cams.amax(dim=1, keepdim=True)).clamp(min=0) ** alpha
+    else:
+        raise ValueError(f"background must be 'threshold' or 'power', got {background!r}")
+    scores = torch.cat([bg, cams], dim=1)
+    return scores / scores.sum(dim=1, keepdim=True).clamp(min=1e-8)
+
+
+def probs_to_mask(probs: torch.Tensor, ignore_band: float = 0.0) -> torch.Tensor:
+    """(B, 1+K, H, W) probabilities -> (B, H, W) uint8 class indices (0 = background).
+
+    With ignore_band > 0, pixels whose top two probabilities differ by less than the band
+    become 255 (ignore), as CLIP-ES leaves uncertain pixels out of stage-3 training.
+    """
+    top2 = probs.topk(2, dim=1).values if probs.shape[1] > 1 else None
+    mask = probs.argmax(dim=1).to(torch.uint8)
+    if ignore_band > 0 and top2 is not None:
+        mask[(top2[:, 0] - top2[:, 1]) < ignore_band] = IGNORE
+    return mask
+
+
+# -----------------------------------------------------------------------------
+# Dense CRF (Krähenbühl & Koltun, NIPS 2011) with the permutohedral lattice
+# (Adams, Baek & Davis, Eurographics 2010), following densecrf's conventions so that pydensecrf
+# settings carry over: features x/sxy, y/sxy (and r/srgb, g/srgb, b/srgb for the bilateral
+# kernel), symmetric kernel normalisation, Potts compatibility, unary -log(prob).
+
+
+class PermutohedralLattice:
+    """Approximate Gaussian filtering  out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j  of all points
+    of one or more images at once, in O(N d^2) instead of O(N^2).
+
+    Each point is splatted onto the d+1 vertices of its enclosing simplex of the permutohedral
+    lattice (barycentric weights), the lattice is blurred with [1/2, 1, 1/2] along each of its
+    d+1 axes, and values are sliced back. The three steps are sparse matrices built once per
+    feature set, so filtering is a few sparse products on any device.
+    features: (B, N, d) float; `filter` maps (B, N, C) values to (B, N, C).
+    """
+
+    def __init__(self, features: torch.Tensor):
+        B, N, d = features.shape
+        self.shape, self.d = (B, N), d
+        device = features.device
+        P = B * N
+        f = features.reshape(P, d).float()
+        # Elevate onto the hyperplane sum = 0 of R^(d+1) (p.5 of Adams et al.), scaled so the
+        # lattice blur has the standard deviation of the Gaussian (p.6).
+        inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
+        i = torch.arange(1, d + 1, device=device, dtype=torch.float32)
+        cf = f * (inv_std / torch.sqrt(i * (i + 1)))  # (P, d)
+        suffix = torch.flip(torch.cumsum(torch.flip(cf, [1]), 1), [1])  # S_j = sum_{m>=j} cf_m
+        elevated = torch.cat([suffix[:, :1], suffix[:, 1:] - i[:-1] * cf[:, :-1],
+                              (-d * cf[:, -1:])], dim=1)  # (P, d+1)
+        # The nearest remainder-0 lattice point, then the simplex through a sort (the rank).
+        v = elevated / (d + 1)
+        up, down = torch.ceil(v) * (d + 1), torch.floor(v) * (d + 1)
+        rem0 = torch.where(up - elevated < elevated - down, up, down)
+        total = torch.round(rem0.sum(1) / (d + 1)).long()  # (P,)
+        # rank[a] = place of coordinate a in the descending order of elevated - rem0, ties to
+        # the lower index (a stable sort), as densecrf's pairwise comparison counts it.
+        order = torch.argsort(rem0 - elevated, dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(d + 1, device=device).expand(P, d + 1))
+        rank = rank + total[:, None]
+        wrap = (rank < 0).long() - (rank > d).long()  # bring the point back onto the plane
+        rank = rank + wrap * (d + 1)
+        rem0 = rem0.long() + wrap * (d + 1)
+        # Barycentric coordinates (p.10).
+        b = (elevated - rem0) / (d + 1)
+        bary = torch.zeros(P, d + 2, device=device)
+        bary.scatter_add_(1, d - rank, b)
+        bary.scatter_add_(1, d - rank + 1, -b)
+        bary[:, 0] += 1 + bary[:, d + 1]
+        bary = bary[:, : d + 1]
+        # Vertex r of the simplex has key rem0 + canonical[r, rank] (first d coordinates; the
+        # last is implied by sum = 0). Keys are encoded, with the image, in one int64 with room
+        # for the +-d steps of the blur.
+        low = rem0[:, :d].amin(0) - 2 * (d + 1)
+        span = rem0[:, :d].amax(0) + 2 * (d + 1) - low + 1
+        strides = torch.cumprod(torch.cat([span.new_ones(1), span]), 0)  # (d+1,)
+        if float(strides[-1]) * B >= 2 ** 62:
+            raise ValueError("features span too wide a lattice; filter fewer images at once")
+        image = torch.arange(B, device=device).repeat_interleave(N)
+        base = ((rem0[:, :d] - low) * strides[:d]).sum(1) + image * strides[d]  # (P,)
+        # The canonical offset of coordinate k at vertex r is r, minus d+1 where
+        # rank_k > d - r; summed with the strides: r * sum(s) - (d+1) * W[d - r], with
+        # W[t] = sum of s_k over the stored coordinates k whose rank exceeds t.
+        by_rank = torch.zeros(P, d + 1, dtype=torch.long, device=device)
+        by_rank.scatter_(1, rank[:, :d], strides[:d].expand(P, d))
+        above = by_rank.flip(1).cumsum(1).flip(1) - by_rank  # W[t] = sum over ranks > t
+        r = torch.arange(d + 1, device=device)
+        codes = base[:, None] + r * strides[:d].sum() - (d + 1) * above.flip(1)  # (P, d+1)
+        # Unique vertices by one sort; its permutation also orders the splat matrix's rows.
+        sorted_codes, order = torch.sort(codes.reshape(-1))
+        new = torch.ones_like(sorted_codes, dtype=torch.bool)
+        new[1:] = sorted_codes[1:] != sorted_codes[:-1]
+        lattice = sorted_codes[new]
+        m = lattice.numel()
+        vertex = torch.cumsum(new, 0) - 1  # lattice index of each sorted entry
+        index = torch.empty_like(vertex)
+        index[order] = vertex
+        weights = bary.reshape(-1)
+        # Splat (M x P) and slice (P x M) matrices with the barycentric weights.
+        point = torch.div(order, d + 1, rounding_mode="floor")
+        self.splat_matrix = _csr(torch.bincount(vertex, minlength=m), point, weights[order],
+                                 (m, P))
+        self.slice_matrix = _csr(torch.full((P,), d + 1, device=device), index, weights, (P, m))
+        # Blur along axis j: a vertex and its two neighbours, key -/+ (1, ..., 1, -d, 1, ...)
+        # (-d on axis j; axis d is implicit, so there every stored coordinate moves by 1).
+        rows = torch.arange(m, device=device)
+        self.blurs = []
+        for j in range(d + 1):
+            step = -strides[:d].sum() + ((d + 1) * strides[j] if j < d else 0)
+            n1, n2 = _find(lattice, lattice + step), _find(lattice, lattice - step)
+            cols = torch.stack([rows, n1, n2], dim=1)  # (M, 3), -1 where absent
+            vals = torch.tensor([1.0, 0.5, 0.5], device=device).expand(m, 3)
+            ok = cols >= 0
+            self.blurs.append(_csr(ok.sum(1), cols[ok], vals[ok], (m, m)))
+        self.alpha = 1.0 / (1 + 2.0 ** -d)  # densecrf's scale of the lattice's blur
+        self.m = m
+
+    def filter(self, values: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C). A lattice of one image filters a batch on the same grid."""
+        B, N, C = values.shape
+        if self.shape[0] == 1 and B > 1:  # the images as channels: (B,N,C) -> (N, B*C)
+            return self.filter(values.permute(1, 0, 2).reshape(1, N, B * C)).reshape(
+                N, B, C).permute(1, 0, 2)
+        grid = self.splat_matrix @ values.reshape(B * N, C).float()  # (M, C)
+        for blur in self.blurs:
+            grid = blur @ grid
+        return (self.slice_matrix @ grid).reshape(B, N, C) * self.alpha
+
+
+def _find(sorted_codes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Index of each code in the sorted array, or -1 where it is absent."""
+    pos = torch.searchsorted(sorted_codes, codes).clamp(max=sorted_codes.numel() - 1)
+    return torch.where(sorted_codes[pos] == codes, pos, torch.full_like(pos, -1))
+
+
+def _csr(counts: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+         size: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR matrix from row-ordered entries and the number of entries of each row."""
+    crow = torch.zeros(size[0] + 1, dtype=torch.long, device=cols.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": it is used plainly here
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values, size)
+
+
+def pixel_features(image: torch.Tensor | None, shape: tuple[int, int, int], sxy: float,
+                   srgb: float | None = None) -> torch.Tensor:
+    """Per-pixel kernel features (x/sxy, y/sxy[, r/srgb, g/srgb, b/srgb]), densecrf's order:
+    (B, H*W, 2 or 5) for a (B, H, W) grid; `image` (B, 3, H, W) 0..255 for the bilateral."""
+    B, H, W = shape
+    device = image.device if image is not None else None
+    y, x = torch.meshgrid(torch.arange(H, device=device, dtype=torch.float32),
+                          torch.arange(W, device=device, dtype=torch.float32), indexing="ij")
+    xy = torch.stack([x, y], dim=-1).reshape(1, H * W, 2).expand(B, -1, -1) / sxy
+    if srgb is None:
+        return xy
+    rgb = image.float().reshape(B, 3, H * W).transpose(1, 2) / srgb  # (B,3,H,W) -> (B,HW,3)
+    return torch.cat([xy, rgb], dim=-1)
+
+
+def _kernel_norm(lattice: PermutohedralLattice) -> torch.Tensor:
+    """densecrf's symmetric normalisation n = 1 / sqrt(K 1), (B, N, 1)."""
+    B, N = lattice.shape
+    ones = torch.ones(B, N, 1, device=lattice.splat_matrix.device)
+    return lattice.filter(ones).clamp(min=1e-20).rsqrt()
+
+
+@functools.lru_cache(maxsize=8)
+def _position_lattice(h: int, w: int, sxy: float, device: str):
+    """The position-only kernel depends on the grid alone: built once per size, shared by
+    every image and batch of that size."""
+    lattice = PermutohedralLattice(pixel_features(None, (1, h, w), sxy).to(device))
+    return lattice, _kernel_norm(lattice)
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last (short, label) dimension; spelled out because the library kernel
+    is several times slower on a dimension of 2 to 21 labels."""
+    e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def dense_crf(image: torch.Tensor, prob: torch.Tensor, *, iters: int = 10,
+              sxy_gaussian: float = 3, compat_gaussian: float = 3, sxy_bilateral: float = 80,
+              srgb: float = 13, compat_bilateral: float = 10) -> torch.Tensor:
+    """Mean-field inference of the fully connected CRF with Potts compatibility.
+
+    Same parameters as pydensecrf's DenseCRF2D: unary -log(prob) (probabilities clipped at
+    1e-5, as its unary_from_softmax), addPairwiseGaussian(sxy, compat) and
+    addPairwiseBilateral(sxy, srgb, rgbim, compat), symmetric normalisation. The update is
+
+        Q <- softmax( log prob + sum_m w_m n_m * K_m (n_m * Q) ),   n_m = 1/sqrt(K_m 1),
+
+    with K_m the Gaussian kernels filtered on the permutohedral lattice, as densecrf does.
+    image: (B, 3, H, W) or (3, H, W) uint8; prob: (B, C, H, W) or (C, H, W) float.
+    Returns the refined probabilities, same shape, on the inputs' device.
+    """
+    unbatched = prob.dim() == 3
+    if unbatched:
+        image, prob = image[None], prob[None]
+    B, C, H, W = prob.shape
+    if image.shape[0] != B or image.shape[-2:] != prob.shape[-2:]:
+        raise ValueError(f"image {tuple(image.shape)} and prob {tuple(prob.shape)} differ")
+    unary = torch.log(prob.float().clamp(1e-5, 1.0)).reshape(B, C, H * W).transpose(1, 2)
+    bilateral = PermutohedralLattice(pixel_features(image.to(prob.device), (B, H, W),
+                                                    sxy_bilateral, srgb))
+    kernels = [(*_position_lattice(H, W, float(sxy_gaussian), str(prob.device)), compat_gaussian),
+               (bilateral, _kernel_norm(bilateral), compat_bilateral)]
+    q = _softmax(unary)  # (B, HW, C)
+    for _ in range(iters):
+        logits = unary.clone()
+        for lattice, norm, weight in kernels:
+            logits += weight * norm * lattice.filter(norm * q)
+        q = _softmax(logits)
+    q = q.transpose(1, 2).reshape(B, C, H, W)  # (B,HW,C) -> (B,C,H,W)
+    return q[0] if unbatched else q
