@@ -14,6 +14,7 @@ from PIL import Image
 
 import losses
 import models
+import postprocess
 import wsss
 
 # -----------------------------------------------------------------------------
@@ -557,3 +558,202 @@ def test_co_training_trains_both(tmp_path, capsys, synth_dir):
     assert code == 0, err
     assert "co-train epoch 2/2" in out and "teacher_cls" in out
     assert wsss.load_checkpoint(run / "teacher.pt")["epoch"] == 2
+
+
+# -----------------------------------------------------------------------------
+# Post-processing: the dense CRF against a brute-force oracle
+
+
+def brute_force_crf(image, prob, iters, sxy_g=3.0, compat_g=3.0, sxy_b=80.0, srgb=13.0,
+                    compat_b=10.0):
+    """Mean field with every pixel pair summed exactly, in float64 (tiny images only)."""
+    C, H, W = prob.shape
+    unary = torch.log(prob.double().clamp(1e-5, 1)).reshape(C, -1).T  # (HW, C)
+    kernels = []
+    for features, weight in ((postprocess.pixel_features(None, (1, H, W), sxy_g), compat_g),
+                             (postprocess.pixel_features(image[None], (1, H, W), sxy_b, srgb),
+                              compat_b)):
+        f = features[0].double()
+        k = torch.exp(-torch.cdist(f, f) ** 2 / 2)
+        kernels.append((k, k.sum(1, keepdim=True).rsqrt(), weight))
+    q = unary.softmax(-1)
+    for _ in range(iters):
+        logits = unary.clone()
+        for k, n, w in kernels:
+            logits += w * n * (k @ (n * q))
+        q = logits.softmax(-1)
+    return q.T.reshape(C, H, W)
+
+
+def edge_scene(seed: int, size: int = 12, centre: float = 5.5):
+    """A dark left half, a bright right half, and a soft, noisy foreground ramp."""
+    g = torch.Generator().manual_seed(seed)
+    image = (torch.rand(3, size, size, generator=g) * 60).to(torch.uint8)
+    image[:, :, size // 2:] += 150
+    x = torch.arange(size).float().expand(size, size)
+    ramp = torch.sigmoid((x - centre + torch.randn(size, size, generator=g)) / 2)
+    return image, torch.stack([1 - ramp, ramp]) * 0.8 + 0.1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_dense_crf_matches_brute_force_mean_field(seed):
+    image, prob = edge_scene(seed)
+    # The lattice approximates the Gaussian filter; its error shows most after one update
+    # and is averaged away by the fixed point (the bounds stated in postprocess.dense_crf).
+    one = postprocess.dense_crf(image, prob, iters=1).double()
+    assert (one - brute_force_crf(image, prob, 1)).abs().max() < 0.1
+    ten = postprocess.dense_crf(image, prob, iters=10).double()
+    exact = brute_force_crf(image, prob, 10)
+    assert (ten - exact).abs().max() < 0.01
+    assert torch.equal(ten.argmax(0), exact.argmax(0))
+
+
+def test_lattice_filter_approximates_the_gaussian():
+    torch.manual_seed(0)
+    f = torch.rand(1, 300, 2) * 6
+    lattice = postprocess.PermutohedralLattice(f)
+    exact = torch.exp(-torch.cdist(f[0].double(), f[0].double()) ** 2 / 2).sum(1)
+    ours = lattice.filter(torch.ones(1, 300, 1))[0, :, 0].double()
+    assert ((ours - exact).abs() / exact).mean() < 0.2  # densecrf's lattice: ~16 % here
+
+
+def test_dense_crf_moves_a_soft_boundary_to_the_image_edge():
+    image, prob = edge_scene(0, size=24, centre=9.0)  # unary boundary 3 px left of the edge
+    before = prob.argmax(0)
+    after = postprocess.dense_crf(image, prob).argmax(0)
+    truth = (torch.arange(24) >= 12).expand(24, 24).long()
+    assert (after != truth).sum() < (before != truth).sum() / 4
+
+
+def test_dense_crf_batched_equals_one_by_one_and_keeps_device():
+    scenes = [edge_scene(s) for s in (1, 2)]
+    images = torch.stack([i for i, _ in scenes])
+    probs = torch.stack([p for _, p in scenes])
+    batched = postprocess.dense_crf(images, probs)
+    for (image, prob), out in zip(scenes, batched):
+        assert torch.allclose(postprocess.dense_crf(image, prob), out, atol=1e-5)
+    assert batched.shape == probs.shape and batched.device == probs.device
+    assert torch.allclose(batched.sum(1), torch.ones(2, 12, 12), atol=1e-5)
+
+
+def test_cams_to_masks():
+    cams = torch.zeros(2, 1, 4, 4)
+    cams[:, 0, :2] = 2.0
+    cams[:, 0, 2, 0] = 0.5  # a quarter of the maximum: below the 0.3 threshold
+    norm = postprocess.normalize_cams(cams, torch.tensor([[1.0], [0.0]]))
+    assert norm[0].max() == pytest.approx(1.0, abs=1e-4) and norm[1].abs().sum() == 0
+    mask = postprocess.probs_to_mask(postprocess.cams_to_probs(norm, "threshold", 0.3))
+    assert mask[0, :2].eq(1).all() and mask[0, 2:].eq(0).all() and mask[1].eq(0).all()
+    power = postprocess.cams_to_probs(norm, "power", alpha=48)
+    assert torch.allclose(power.sum(1), torch.ones(2, 4, 4))
+    banded = postprocess.probs_to_mask(torch.tensor([[[[0.55]], [[0.45]]]]), ignore_band=0.2)
+    assert banded.item() == postprocess.IGNORE
+
+
+def test_random_walk_over_affinities():
+    torch.manual_seed(0)
+    cams = torch.rand(2, 1, 3, 4)
+    identity = torch.eye(12).expand(2, 12, 12)
+    assert torch.allclose(postprocess.random_walk(cams, identity, steps=3), cams)
+    uniform = torch.full((2, 12, 12), 1 / 12)
+    walked = postprocess.random_walk(cams, uniform, steps=1)
+    assert torch.allclose(walked, cams.mean(dim=(2, 3), keepdim=True).expand_as(cams))
+    attn = [torch.rand(2, 3, 13, 13).softmax(-1) for _ in range(2)]
+    t = postprocess.attention_affinity(attn, beta=2.0)
+    assert t.shape == (2, 12, 12) and torch.allclose(t.sum(-1), torch.ones(2, 12))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, synth_dir) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert wsss.main(["train", "--data", str(synth_dir), "--out", str(run),
+                      *map(str, TINY)]) == 0
+    return run
+
+
+def test_pseudo_writes_masks_overlays_and_scores(tiny_run, tmp_path, capsys):
+    out = tmp_path / "masks"
+    code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out",
+                                out, "--crf", "--fill", "--json")
+    assert code == 0, err
+    masks = [m for m in out.glob("*.png") if m.name != "overlays.png"]
+    assert len(masks) == 6 and (out / "overlays.png").is_file()
+    assert all(set(np.unique(np.array(Image.open(m)))) <= {0, 1} for m in masks)
+    assert "smoke IoU" in stdout and '"context_fp"' in stdout
+    code, _, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out", out)
+    assert code == 2 and "--force" in err
+
+
+def test_pseudo_names_the_command_that_makes_a_missing_checkpoint(tiny_run, tmp_path, capsys):
+    run = tmp_path / "partial"
+    shutil.copytree(tiny_run, run)
+    (run / "student.pt").unlink()
+    code, _, err = run_cli(capsys, "pseudo", "--run", run, "--out", tmp_path / "m")
+    assert code == 2 and "student.pt" in err and "train --resume" in err
+    code, _, err = run_cli(capsys, "pseudo", "--run", tmp_path / "nothing", "--out", tmp_path / "m")
+    assert code == 2 and "config.json" in err and "wsss.py train" in err
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+def test_scores_on_hand_made_masks():
+    truth = torch.zeros(8, 8, dtype=torch.long)
+    truth[2:6, 2:6] = 1  # a 4x4 smoke square
+    truth[0, :] = wsss.IGNORE
+    context = torch.zeros(8, 8, dtype=torch.bool)
+    context[6:, 2] = True  # a 2-pixel chimney
+    pred = torch.zeros(8, 8, dtype=torch.uint8)
+    pred[2:6, 2:4] = 1  # half of the square
+    pred[6, 2] = 1  # one chimney pixel called smoke
+    pred[0, 0] = 1  # inside ignore: not scored
+    s = wsss.Scores(1)
+    s.add(pred, truth, context)
+    r = s.result()
+    assert r["smoke_iou"] == pytest.approx(100 * 8 / 17)  # 8 hits, 16 + 1 false positive
+    assert r["precision"] == pytest.approx(100 * 8 / 9) and r["recall"] == pytest.approx(50)
+    assert r["context_fp"] == pytest.approx(50)
+    assert r["miou"] == pytest.approx((r["per_class_iou"][0] + r["smoke_iou"]) / 2)
+    perfect = wsss.Scores(1)
+    perfect.add(truth.clamp(max=1).to(torch.uint8) * (truth == 1), truth)
+    assert perfect.result()["boundary_f1"] == pytest.approx(100)
+    shifted = wsss.Scores(1)
+    moved = torch.zeros(8, 8, dtype=torch.uint8)
+    moved[2:6, 3:7] = 1  # one pixel off: within the 2-pixel tolerance
+    shifted.add(moved, truth)
+    assert shifted.result()["boundary_f1"] == pytest.approx(100)
+
+
+def test_eval_command(tmp_path, capsys, synth_dir):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for s in wsss.read_split(synth_dir, "val")[1]:
+        truth = np.array(Image.open(s.mask))
+        Image.fromarray(np.where(truth == 1, 1, 0).astype(np.uint8)).save(pred / f"{s.stem}.png")
+    code, out, _ = run_cli(capsys, "eval", "--data", synth_dir, "--split", "val", "--pred", pred,
+                           "--json")
+    r = wsss.json.loads(out)
+    assert code == 0 and r["smoke_iou"] == 100 and r["context_fp"] == 0
+    (pred / "val_00001.png").unlink()
+    code, _, err = run_cli(capsys, "eval", "--data", synth_dir, "--split", "val", "--pred", pred)
+    assert code == 2 and "val_00001.png" in err
+
+
+def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir):
+    out = tmp_path / "ablation"
+    args = ["ablate", "--data", synth_dir, "--out", out, "--quick", "--seeds", 0, 1, *TINY]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0, err
+    table = (out / "ablation.md").read_text()
+    assert "teacher CAM (ResNet)" in table and "+ dense CRF" in table and " ± " in table
+    runs = sorted(p.name for p in out.iterdir() if p.name.endswith(("seed0", "seed1")))
+    assert runs == ["align_weight=0.0_seed0", "align_weight=0.0_seed1", "default_seed0",
+                    "default_seed1"]
+    # The teacher stage is shared by the runs of one seed.
+    a = wsss.load_checkpoint(out / "default_seed0" / "teacher.pt")["model"]
+    b = wsss.load_checkpoint(out / "align_weight=0.0_seed0" / "teacher.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A second call trains nothing: finished runs are reused.
+    code, stdout, _ = run_cli(capsys, *args)
+    assert code == 0 and "epoch" not in stdout
