@@ -1023,33 +1023,66 @@ def pseudo_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: 
                  teacher, student, device: torch.device, amp: str = "off"):
     """Yield (batch, masks (B,H,W) uint8) for every image of the split: the configured CAMs,
     normalised, gated by the image labels, then refined into masks."""
-    fn, multiple = cam_function(cam_config, teacher, student)
-    dtype = autocast_dtype(amp, device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cam_config.cam_batch_size)
     for batch in loader:
-        images = batch["image"].to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            cams = multiscale_cam(fn, images, cam_config.cam_scales, cam_config.cam_flip, multiple)
-        if refine_config.fill:
-            cams = fill_coverage(student, images, cams, refine_config)
-        cams = postprocess.normalize_cams(cams, batch["label"].to(device))
+        cams = batch_cams(batch, cam_config, refine_config, teacher, student, device, amp)
         yield batch, refine(batch["rgb"], cams, cam_config, refine_config).cpu()
+
+
+def batch_cams(batch: dict, cam_config: CamConfig, refine_config: RefineConfig, teacher,
+               student, device: torch.device, amp: str = "off") -> torch.Tensor:
+    """Normalised CAMs (B,K,H,W) of a batch: multi-scale, coverage fix, gated by labels."""
+    fn, multiple = cam_function(cam_config, teacher, student)
+    dtype = autocast_dtype(amp, device)
+    images = batch["image"].to(device)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        cams = multiscale_cam(fn, images, cam_config.cam_scales, cam_config.cam_flip, multiple)
+    if refine_config.fill:
+        cams = fill_coverage(student, images, cams, refine_config)
+    return postprocess.normalize_cams(cams, batch["label"].to(device))
 
 
 def save_mask(mask: torch.Tensor, path: Path) -> None:
     Image.fromarray(mask.numpy().astype(np.uint8)).save(path)
 
 
+def paint(rgb: torch.Tensor, cam: torch.Tensor | None = None,
+          masks: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """A (3,H,W) uint8 photo with a CAM (H,W) in [0,1] painted red over it, or with masks
+    (bool (H,W)) painted red, yellow, blue in turn."""
+    from torchvision.utils import draw_segmentation_masks
+    if masks is not None:
+        colors = ["red", "yellow", "blue", "lime", "cyan", "magenta"]
+        return draw_segmentation_masks(rgb, torch.stack(masks), alpha=0.55,
+                                       colors=(colors * len(masks))[:len(masks)])
+    a = 0.7 * cam.clamp(0, 1)[None].cpu()
+    red = torch.tensor([255.0, 0.0, 0.0])[:, None, None]
+    return (rgb.float() * (1 - a) + red * a).to(torch.uint8)
+
+
 def overlay_grid(rgbs: list[torch.Tensor], masks: list[torch.Tensor], path: Path,
                  num_classes: int) -> None:
     """Photos and their masks over them (smoke red), in a grid a person can look at."""
-    from torchvision.utils import draw_segmentation_masks, make_grid
+    from torchvision.utils import make_grid
     tiles = []
     for rgb, mask in zip(rgbs, masks):
-        onehot = torch.stack([mask == k for k in range(1, num_classes + 1)])
-        tiles += [rgb, draw_segmentation_masks(rgb, onehot, alpha=0.55,
-                                               colors=["red", "cyan", "yellow", "lime"][:num_classes])]
+        tiles += [rgb, paint(rgb, masks=[mask == k for k in range(1, num_classes + 1)])]
     grid = make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
+
+
+def comparison_figure(dataset: "SmokeDataset", columns: list, path: Path, count: int = 6) -> None:
+    """Rows of labelled images: the photo, one panel per function of `columns`
+    (batch -> (B,3,H,W) uint8), then the ground truth."""
+    from torchvision.utils import make_grid
+    picks = [i for i, s in enumerate(dataset.samples) if s.labels][:count]
+    batch = torch.utils.data.default_collate([dataset[i] for i in picks])
+    panels = [batch["rgb"], *[fn(batch) for fn in columns]]
+    if "mask" in batch:
+        panels.append(torch.stack([paint(rgb, masks=[m == 1, m == IGNORE])
+                                   for rgb, m in zip(batch["rgb"], batch["mask"])]))
+    tiles = torch.stack(panels, dim=1).flatten(0, 1)  # (B,columns,3,H,W) -> (B*columns,3,H,W)
+    grid = make_grid(tiles, nrow=len(panels), padding=2, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
 
 
@@ -1544,7 +1577,38 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     (root / "ablation.md").write_text(table)
     (root / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
-    print(f"wrote {root / 'ablation.md'} in {time.perf_counter() - began:.0f} s")
+    figure = ablation_figure(root, base, seeds[0], args.split)
+    print(f"wrote {root / 'ablation.md'}{', ' + str(figure) if figure else ''} in "
+          f"{time.perf_counter() - began:.0f} s")
+
+
+def ablation_figure(root: Path, base: RunConfig, seed: int, split: str) -> Path | None:
+    """Per image: photo, teacher CAM, student CAM alone, aligned student CAM, its pseudo mask
+    refined by the CRF, ground truth; from the ablation's runs of one seed, when they exist."""
+    aligned, alone = root / run_name({}, seed), root / run_name({"align_weight": 0.0}, seed)
+    if not ((aligned / "student.pt").is_file() and (alone / "student.pt").is_file()):
+        return None
+    device = pick_device(base.train.device)
+    config, teacher, student = load_run(aligned, device)
+    student_alone = load_run(alone, device)[2]
+    dataset = SmokeDataset(base.data, split, size=config.model.image_size)
+    crf = dataclasses.replace(config.refine, crf=True)
+
+    def cam_panel(network: str, s: models.Student):
+        cam_config = dataclasses.replace(config.cam, cam_network=network)
+        return lambda batch: torch.stack([
+            paint(rgb, cam[0]) for rgb, cam in
+            zip(batch["rgb"], batch_cams(batch, cam_config, config.refine, teacher, s, device))])
+
+    def refined(batch):
+        cams = batch_cams(batch, config.cam, crf, teacher, student, device)
+        masks = refine(batch["rgb"], cams, config.cam, crf).cpu()
+        return torch.stack([paint(rgb, masks=[m == 1]) for rgb, m in zip(batch["rgb"], masks)])
+
+    path = root / "figure.png"
+    comparison_figure(dataset, [cam_panel("teacher", student), cam_panel("student", student_alone),
+                                cam_panel("student", student), refined], path)
+    return path
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
