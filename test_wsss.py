@@ -758,3 +758,19 @@ def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir
     # A second call trains nothing: finished runs are reused.
     code, stdout, _ = run_cli(capsys, *args)
     assert code == 0 and "epoch" not in stdout
+
+
+def test_eval_sweep_from_saved_cams(tiny_run, tmp_path, capsys, synth_dir):
+    out = tmp_path / "masks"
+    assert run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out", out,
+                   "--save-cams")[0] == 0
+    assert len(list((out / "cams").glob("*.npy"))) == 6
+    code, stdout, err = run_cli(capsys, "eval", "--data", synth_dir, "--split", "val", "--pred",
+                                out, "--sweep", "--json")
+    assert code == 0, err
+    sweep = wsss.json.loads(stdout)["sweep"]
+    assert len(sweep["curve"]) == 19
+    # The oracle picks each image's best threshold: never below the best single threshold's
+    # per-image mean.
+    best_mean = max(r["image_iou"] for r in sweep["curve"])
+    assert sweep["oracle_image_iou"] >= best_mean - 1e-9

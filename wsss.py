@@ -311,8 +311,9 @@ def load_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray
 class SmokeDataset(Dataset):
     """One split of a dataset folder.
 
-    Item: {"stem", "image" (3,S,S) normalised float, "rgb" (3,S,S) uint8, "label" (K,) multi-hot
-    float, and when the folder has them "mask" (S,S) int64 with 255 = ignore, "context" (S,S) bool}.
+    Item: {"stem", "size" (2,) the file's (H, W), "image" (3,S,S) normalised float, "rgb"
+    (3,S,S) uint8, "label" (K,) multi-hot float, and when the folder has them "mask" (S,S) int64
+    with 255 = ignore, "context" (S,S) bool}.
     Images without a mask file get an all-ignore mask so that batches stay uniform.
     """
 
@@ -354,7 +355,7 @@ class SmokeDataset(Dataset):
                                 f"but its image is {w}x{h}")
             extras["context"] = tv_tensors.Mask(torch.from_numpy(context))
         image, extras = self.transform(image, extras)
-        item = {"stem": s.stem, "rgb": image.as_subclass(torch.Tensor),
+        item = {"stem": s.stem, "size": torch.tensor([h, w]), "rgb": image.as_subclass(torch.Tensor),
                 "image": self.normalize(v2.functional.to_dtype(image, torch.float32, scale=True))
                 .as_subclass(torch.Tensor),
                 "label": self.label_vector(s)}
@@ -1021,12 +1022,12 @@ def refine(rgb: torch.Tensor, cams: torch.Tensor, cam_config: CamConfig,
 
 def pseudo_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: RefineConfig,
                  teacher, student, device: torch.device, amp: str = "off"):
-    """Yield (batch, masks (B,H,W) uint8) for every image of the split: the configured CAMs,
-    normalised, gated by the image labels, then refined into masks."""
+    """Yield (batch, cams (B,K,H,W), masks (B,H,W) uint8) for every image of the split: the
+    configured CAMs, normalised and gated by the image labels, and the masks refined from them."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=cam_config.cam_batch_size)
     for batch in loader:
         cams = batch_cams(batch, cam_config, refine_config, teacher, student, device, amp)
-        yield batch, refine(batch["rgb"], cams, cam_config, refine_config).cpu()
+        yield batch, cams.cpu(), refine(batch["rgb"], cams, cam_config, refine_config).cpu()
 
 
 def batch_cams(batch: dict, cam_config: CamConfig, refine_config: RefineConfig, teacher,
@@ -1040,6 +1041,13 @@ def batch_cams(batch: dict, cam_config: CamConfig, refine_config: RefineConfig, 
     if refine_config.fill:
         cams = fill_coverage(student, images, cams, refine_config)
     return postprocess.normalize_cams(cams, batch["label"].to(device))
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (H, W) class mask at another size, nearest neighbour (the file's own size)."""
+    if tuple(mask.shape) == size:
+        return mask
+    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
 
 
 def save_mask(mask: torch.Tensor, path: Path) -> None:
@@ -1183,16 +1191,22 @@ def evaluate_folder(dataset: "SmokeDataset", pred: Path) -> dict:
 
 def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam_config: CamConfig,
                        refine_config: RefineConfig, teacher, student, device: torch.device,
-                       amp: str, overlays: Path | None) -> dict | None:
-    """Masks for every image of the split into `out`, an overlay grid of images with a label,
-    and the masks' scores against the ground truth when the dataset has masks."""
+                       amp: str, overlays: Path | None, save_cams: bool = False) -> dict | None:
+    """Masks for every image of the split into `out` at each file's own size (and the CAMs,
+    at the network's input size, into out/cams/<stem>.npy, float16 (K,H,W), with save_cams),
+    an overlay grid of images with a label, and the masks' scores against the ground truth at
+    the network's input size when the dataset has masks (`eval` scores at full size)."""
     out.mkdir(parents=True, exist_ok=True)
+    if save_cams:
+        (out / "cams").mkdir(exist_ok=True)
     scores = Scores(len(dataset.classes)) if dataset.has_masks else None
     shown_rgb, shown_mask = [], []
-    for batch, masks in pseudo_masks(dataset, cam_config, refine_config, teacher, student,
-                                     device, amp):
+    for batch, cams, masks in pseudo_masks(dataset, cam_config, refine_config, teacher, student,
+                                           device, amp):
         for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
-            save_mask(mask, out / f"{stem}.png")
+            save_mask(resize_mask(mask, tuple(batch["size"][i].tolist())), out / f"{stem}.png")
+            if save_cams:
+                np.save(out / "cams" / f"{stem}.npy", cams[i].numpy().astype(np.float16))
             if scores is not None:
                 scores.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
                            else None)
@@ -1444,7 +1458,7 @@ def cmd_pseudo(args: argparse.Namespace) -> None:
     fresh_output_dir(out, args.force)
     began = time.perf_counter()
     scores = write_pseudo_masks(dataset, out, cam, refine_config, teacher, student, device,
-                                config.train.amp, out / "overlays.png")
+                                config.train.amp, out / "overlays.png", args.save_cams)
     seconds = time.perf_counter() - began
     print(f"wrote {len(dataset)} masks to {out} in {seconds:.1f} s "
           f"({len(dataset) / seconds:.1f} images/s); overlays: {out / 'overlays.png'}")
@@ -1545,9 +1559,40 @@ def bench_crf(photos: list[tuple[Path, Path]], iters: int, batch: int) -> list[d
     return rows
 
 
+def threshold_sweep(dataset: "SmokeDataset", cams_dir: Path, thresholds: list[float]) -> dict:
+    """Smoke IoU of the CAMs in cams_dir thresholded at each background score (SEAM's curve),
+    and the per-image oracle: each image at its own best threshold, IoU averaged per image."""
+    if not cams_dir.is_dir():
+        raise DataError(f"{cams_dir}: no CAMs; write them with `pseudo --save-cams`")
+    curve = [Scores(len(dataset.classes)) for _ in thresholds]
+    oracle = []
+    for i, sample in enumerate(dataset.samples):
+        path = cams_dir / f"{sample.stem}.npy"
+        if not path.is_file():
+            raise DataError(f"{path}: CAM missing for {sample.stem}")
+        item = dataset[i]
+        cams = torch.from_numpy(np.load(path).astype(np.float32))[None]
+        cams = F.interpolate(cams, size=item["mask"].shape, mode="bilinear", align_corners=False)
+        ious = []
+        for scores, t in zip(curve, thresholds):
+            mask = postprocess.probs_to_mask(postprocess.cams_to_probs(cams, "threshold", t))[0]
+            before = len(scores.image_ious)
+            scores.add(mask, item["mask"], item.get("context"))
+            ious += scores.image_ious[before:]  # one IoU when the image shows smoke
+        if ious:
+            oracle.append(max(ious))
+    rows = [{"threshold": t, **s.result()} for t, s in zip(thresholds, curve)]
+    top = max(rows, key=lambda r: r["smoke_iou"])
+    return {"curve": rows, "best_threshold": top["threshold"], "best_smoke_iou": top["smoke_iou"],
+            "oracle_image_iou": 100 * float(np.mean(oracle)) if oracle else float("nan")}
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     dataset = SmokeDataset(Path(args.data), args.split, size=None)
     result = evaluate_folder(dataset, Path(args.pred))
+    if args.sweep:
+        result["sweep"] = threshold_sweep(dataset, Path(args.pred) / "cams",
+                                          [round(0.05 * k, 2) for k in range(1, 20)])
     if args.json:
         print(json.dumps(result))
         return
@@ -1560,6 +1605,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
                        ("image_iou", "smoke IoU per image"),
                        ("context_fp", "chimney pixels called smoke %")):
         print(f"  {label:30s} {result[key]:6.2f}")
+    if args.sweep:
+        sweep = result["sweep"]
+        print("  background threshold -> smoke IoU: " + ", ".join(
+            f"{r['threshold']:.2f}: {r['smoke_iou']:.1f}" for r in sweep["curve"]))
+        print(f"  best threshold {sweep['best_threshold']:.2f}: smoke IoU "
+              f"{sweep['best_smoke_iou']:.2f}; per-image oracle threshold: smoke IoU per image "
+              f"{sweep['oracle_image_iou']:.2f}")
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -1669,6 +1721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: auto)")
     p.add_argument("--json", action="store_true", help="also print the scores as JSON")
+    p.add_argument("--save-cams", action="store_true",
+                   help="also write the normalised CAMs to OUT/cams/<stem>.npy (for eval --sweep)")
     add_config_flags(p.add_argument_group("cam settings (default: the run's)"), CamConfig)
     add_config_flags(p.add_argument_group("refine settings (default: the run's)"), RefineConfig)
     p.set_defaults(handler=cmd_pseudo)
@@ -1693,6 +1747,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split to score (default: val)")
     p.add_argument("--pred", required=True, help="folder of predicted <stem>.png class masks")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON line")
+    p.add_argument("--sweep", action="store_true", help="also the IoU-vs-threshold curve and "
+                   "the per-image oracle threshold, from PRED/cams/ (pseudo --save-cams)")
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks that print figures side by side")
