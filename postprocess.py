@@ -97,10 +97,12 @@ class PermutohedralLattice:
         rem0 = torch.where(up - elevated < elevated - down, up, down)
         total = torch.round(rem0.sum(1) / (d + 1)).long()  # (P,)
         # rank[a] = place of coordinate a in the descending order of elevated - rem0, ties to
-        # the lower index (a stable sort), as densecrf's pairwise comparison counts it.
-        order = torch.argsort(rem0 - elevated, dim=1, stable=True)
-        rank = torch.empty_like(order).scatter_(
-            1, order, torch.arange(d + 1, device=device).expand(P, d + 1))
+        # the lower index, as densecrf's pairwise comparison counts it:
+        # rank[a] = #{b: diff_b > diff_a} + #{b < a: diff_b == diff_a}.
+        diff_b = (elevated - rem0)[:, None, :]  # (P, 1, d+1)
+        diff_a = diff_b.transpose(1, 2)  # (P, d+1, 1)
+        earlier = torch.ones(d + 1, d + 1, dtype=torch.bool, device=device).tril(-1)  # b < a
+        rank = (diff_b > diff_a).sum(2) + ((diff_b == diff_a) & earlier).sum(2)
         rank = rank + total[:, None]
         wrap = (rank < 0).long() - (rank > d).long()  # bring the point back onto the plane
         rank = rank + wrap * (d + 1)
@@ -120,25 +122,31 @@ class PermutohedralLattice:
         strides = torch.cumprod(torch.cat([span.new_ones(1), span]), 0)  # (d+1,)
         if float(strides[-1]) * B >= 2 ** 62:
             raise ValueError("features span too wide a lattice; filter fewer images at once")
-        image = torch.arange(B, device=device).repeat_interleave(N)
-        base = ((rem0[:, :d] - low) * strides[:d]).sum(1) + image * strides[d]  # (P,)
+        # int32 where the codes fit: half the memory traffic, and sorting is twice as fast.
+        small = float(strides[-1]) * B < 2 ** 31
+        code_type = torch.int32 if small else torch.long
+        index_type = torch.int32 if P * (d + 1) < 2 ** 31 else torch.long
+        strides = strides.to(code_type)
+        image = torch.arange(B, device=device, dtype=code_type).repeat_interleave(N)
+        base = ((rem0[:, :d] - low).to(code_type) * strides[:d]).sum(1, dtype=code_type)
+        base += image * strides[d]  # (P,)
         # The canonical offset of coordinate k at vertex r is r, minus d+1 where
         # rank_k > d - r; summed with the strides: r * sum(s) - (d+1) * W[d - r], with
         # W[t] = sum of s_k over the stored coordinates k whose rank exceeds t.
-        by_rank = torch.zeros(P, d + 1, dtype=torch.long, device=device)
+        by_rank = torch.zeros(P, d + 1, dtype=code_type, device=device)
         by_rank.scatter_(1, rank[:, :d], strides[:d].expand(P, d))
-        above = by_rank.flip(1).cumsum(1).flip(1) - by_rank  # W[t] = sum over ranks > t
-        r = torch.arange(d + 1, device=device)
-        codes = base[:, None] + r * strides[:d].sum() - (d + 1) * above.flip(1)  # (P, d+1)
+        above = by_rank.flip(1).cumsum(1, dtype=code_type).flip(1) - by_rank  # W[t]: ranks > t
+        r = torch.arange(d + 1, device=device, dtype=code_type)
+        codes = base[:, None] + r * strides[:d].sum(dtype=code_type) - (d + 1) * above.flip(1)
         # Unique vertices by one sort; its permutation also orders the splat matrix's rows.
         sorted_codes, order = torch.sort(codes.reshape(-1))
         new = torch.ones_like(sorted_codes, dtype=torch.bool)
         new[1:] = sorted_codes[1:] != sorted_codes[:-1]
         lattice = sorted_codes[new]
         m = lattice.numel()
-        vertex = torch.cumsum(new, 0) - 1  # lattice index of each sorted entry
-        index = torch.empty_like(vertex)
-        index[order] = vertex
+        vertex = torch.cumsum(new, 0, dtype=index_type) - 1  # lattice index of sorted entries
+        order = order.to(index_type)
+        index = torch.empty_like(vertex).scatter_(0, order, vertex)
         weights = bary.reshape(-1)
         # Splat (M x P) and slice (P x M) matrices with the barycentric weights.
         point = torch.div(order, d + 1, rounding_mode="floor")
@@ -147,11 +155,12 @@ class PermutohedralLattice:
         self.slice_matrix = _csr(torch.full((P,), d + 1, device=device), index, weights, (P, m))
         # Blur along axis j: a vertex and its two neighbours, key -/+ (1, ..., 1, -d, 1, ...)
         # (-d on axis j; axis d is implicit, so there every stored coordinate moves by 1).
-        rows = torch.arange(m, device=device)
+        rows = torch.arange(m, device=device, dtype=index_type)
         self.blurs = []
         for j in range(d + 1):
             step = -strides[:d].sum() + ((d + 1) * strides[j] if j < d else 0)
-            n1, n2 = _find(lattice, lattice + step), _find(lattice, lattice - step)
+            n1 = _find(lattice, lattice + step).to(index_type)
+            n2 = _find(lattice, lattice - step).to(index_type)
             cols = torch.stack([rows, n1, n2], dim=1)  # (M, 3), -1 where absent
             vals = torch.tensor([1.0, 0.5, 0.5], device=device).expand(m, 3)
             ok = cols >= 0
@@ -180,7 +189,7 @@ def _find(sorted_codes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 def _csr(counts: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
          size: tuple[int, int]) -> torch.Tensor:
     """A sparse CSR matrix from row-ordered entries and the number of entries of each row."""
-    crow = torch.zeros(size[0] + 1, dtype=torch.long, device=cols.device)
+    crow = torch.zeros(size[0] + 1, dtype=cols.dtype, device=cols.device)
     crow[1:] = torch.cumsum(counts, 0)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it is used plainly here
         warnings.simplefilter("ignore")
