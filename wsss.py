@@ -2,11 +2,16 @@
 
 Everything that touches the outside world lives here (argv, files, datasets, training loops,
 checkpoints, logs); models.py, losses.py and postprocess.py are pure libraries.
-Sections, top to bottom: config dataclasses -> data -> commands -> __main__.
+Sections, top to bottom: config dataclasses -> data -> pretrained weights -> training -> CAMs
+-> evaluation -> ablation -> benchmarks -> commands -> __main__.
 
     python wsss.py synth --out data/synth      # an industrial-smoke dataset, generated
     python wsss.py prepare smoke5k SRC DST     # SMOKE5K photographs -> the folder format
     python wsss.py train                       # the whole method on the embedded default data
+    python wsss.py pseudo --run RUN --crf      # pseudo masks from a trained run
+    python wsss.py eval --data DIR --pred DIR  # scores against ground truth
+    python wsss.py ablate --quick              # the paper's comparisons
+    python wsss.py bench models|crf            # speed and fidelity against references
 """
 
 import argparse
@@ -608,6 +613,43 @@ def ensure_default_data(path: Path) -> Path:
 
 
 # -----------------------------------------------------------------------------
+# Pretrained weights from a local file (nothing is downloaded)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torchvision, timm, DeiT or DINO file: bare, or wrapped in
+    {"model": ...} / {"state_dict": ...}; DDP's "module." prefixes are removed and torchvision
+    ViT names are converted to ours."""
+    if not path.is_file():
+        raise DataError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: unpickling errors of many kinds
+        raise DataError(f"{path}: cannot read weights ({e.__class__.__name__}: {e})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError(f"{path}: not a state dict (a mapping of names to tensors)")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    if "conv_proj.weight" in obj:
+        obj = models.vit_state_dict_from_torchvision(obj)
+    return obj
+
+
+def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Load a local weights file into `module`, saying what did not fit."""
+    report = models.load_pretrained(module, read_state_dict(path))
+    loaded = len(report.pop("loaded"))
+    print(f"{what}: loaded {loaded} tensors from {path}")
+    for kind, keys in report.items():
+        if keys:
+            print(f"  {kind} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+    if loaded == 0:
+        raise DataError(f"{path}: no tensor matches the {what}'s names")
+
+
+# -----------------------------------------------------------------------------
 # Training: building the networks, the two stages, checkpoints, resume
 
 
@@ -890,43 +932,6 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
     else:
         raise DataError(f"--mode must be distill or co-train, got {t.mode!r}")
     return teacher, freeze(student)
-
-
-# -----------------------------------------------------------------------------
-# Pretrained weights from a local file (nothing is downloaded)
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torchvision, timm, DeiT or DINO file: bare, or wrapped in
-    {"model": ...} / {"state_dict": ...}; DDP's "module." prefixes are removed and torchvision
-    ViT names are converted to ours."""
-    if not path.is_file():
-        raise DataError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: unpickling errors of many kinds
-        raise DataError(f"{path}: cannot read weights ({e.__class__.__name__}: {e})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DataError(f"{path}: not a state dict (a mapping of names to tensors)")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    if "conv_proj.weight" in obj:
-        obj = models.vit_state_dict_from_torchvision(obj)
-    return obj
-
-
-def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
-    """Load a local weights file into `module`, saying what did not fit."""
-    report = models.load_pretrained(module, read_state_dict(path))
-    loaded = len(report.pop("loaded"))
-    print(f"{what}: loaded {loaded} tensors from {path}")
-    for kind, keys in report.items():
-        if keys:
-            print(f"  {kind} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-    if loaded == 0:
-        raise DataError(f"{path}: no tensor matches the {what}'s names")
 
 
 # -----------------------------------------------------------------------------
