@@ -1307,9 +1307,10 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
         for seed in seeds:
             run = ablation_run(root, base, train_overrides, seed)
             config, teacher, student = load_run(run, device)
-            cam = config_from_args(CamConfig, argparse.Namespace(**cam_overrides), config.cam)
+            # CAM and refinement settings are the command's (they need no training).
+            cam = config_from_args(CamConfig, argparse.Namespace(**cam_overrides), base.cam)
             refine_config = config_from_args(RefineConfig, argparse.Namespace(**cam_overrides),
-                                             config.refine)
+                                             base.refine)
             scores = write_pseudo_masks(dataset, root / "masks" / f"{len(results)}_{seed}", cam,
                                         refine_config, teacher, student, device,
                                         config.train.amp, None)
