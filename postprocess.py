@@ -4,6 +4,7 @@ Functions of tensors only (images, CAMs, probabilities), batched, on any device:
     cams_to_probs  ->  (dense_crf)  ->  probs_to_mask
 """
 
+import copy
 import functools
 import math
 import warnings
@@ -88,9 +89,12 @@ class PermutohedralLattice:
         inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
         i = torch.arange(1, d + 1, device=device, dtype=torch.float32)
         cf = f * (inv_std / torch.sqrt(i * (i + 1)))  # (P, d)
-        suffix = torch.flip(torch.cumsum(torch.flip(cf, [1]), 1), [1])  # S_j = sum_{m>=j} cf_m
-        elevated = torch.cat([suffix[:, :1], suffix[:, 1:] - i[:-1] * cf[:, :-1],
-                              (-d * cf[:, -1:])], dim=1)  # (P, d+1)
+        elevated = torch.empty(P, d + 1, device=device)
+        running = torch.zeros(P, device=device)  # summed from the last feature, as densecrf
+        for j in range(d, 0, -1):
+            elevated[:, j] = running - j * cf[:, j - 1]
+            running = running + cf[:, j - 1]
+        elevated[:, 0] = running
         # The nearest remainder-0 lattice point, then the simplex through a sort (the rank).
         v = elevated / (d + 1)
         up, down = torch.ceil(v) * (d + 1), torch.floor(v) * (d + 1)
@@ -99,11 +103,12 @@ class PermutohedralLattice:
         # rank[a] = place of coordinate a in the descending order of elevated - rem0, ties to
         # the lower index, as densecrf's pairwise comparison counts it:
         # rank[a] = #{b: diff_b > diff_a} + #{b < a: diff_b == diff_a}.
-        diff_b = (elevated - rem0)[:, None, :]  # (P, 1, d+1)
-        diff_a = diff_b.transpose(1, 2)  # (P, d+1, 1)
-        earlier = torch.ones(d + 1, d + 1, dtype=torch.bool, device=device).tril(-1)  # b < a
-        rank = (diff_b > diff_a).sum(2) + ((diff_b == diff_a) & earlier).sum(2)
-        rank = rank + total[:, None]
+        diff = elevated - rem0
+        rank = torch.zeros(P, d + 1, dtype=torch.uint8, device=device)
+        for k in range(d + 1):  # d+1 small comparisons beat one (P, d+1, d+1) tensor
+            rank += diff[:, k:k + 1] > diff
+            rank[:, k + 1:] += diff[:, k:k + 1] == diff[:, k + 1:]
+        rank = rank.long() + total[:, None]
         wrap = (rank < 0).long() - (rank > d).long()  # bring the point back onto the plane
         rank = rank + wrap * (d + 1)
         rem0 = rem0.long() + wrap * (d + 1)
@@ -134,8 +139,8 @@ class PermutohedralLattice:
         # rank_k > d - r; summed with the strides: r * sum(s) - (d+1) * W[d - r], with
         # W[t] = sum of s_k over the stored coordinates k whose rank exceeds t.
         by_rank = torch.zeros(P, d + 1, dtype=code_type, device=device)
-        by_rank.scatter_(1, rank[:, :d], strides[:d].expand(P, d))
-        above = by_rank.flip(1).cumsum(1, dtype=code_type).flip(1) - by_rank  # W[t]: ranks > t
+        by_rank.scatter_(1, rank[:, :d], strides[:d].expand(P, d))  # W[t] = above[:, t]
+        above = by_rank.sum(1, keepdim=True, dtype=code_type) - by_rank.cumsum(1, dtype=code_type)
         r = torch.arange(d + 1, device=device, dtype=code_type)
         codes = base[:, None] + r * strides[:d].sum(dtype=code_type) - (d + 1) * above.flip(1)
         # Unique vertices by one sort; its permutation also orders the splat matrix's rows.
@@ -150,21 +155,27 @@ class PermutohedralLattice:
         weights = bary.reshape(-1)
         # Splat (M x P) and slice (P x M) matrices with the barycentric weights.
         point = torch.div(order, d + 1, rounding_mode="floor")
-        self.splat_matrix = _csr(torch.bincount(vertex, minlength=m), point, weights[order],
-                                 (m, P))
-        self.slice_matrix = _csr(torch.full((P,), d + 1, device=device), index, weights, (P, m))
+        # Lattice vertex m is an always-zero slot that stands for absent blur neighbours.
+        self.splat_matrix = _csr(torch.bincount(vertex, minlength=m + 1), point,
+                                 weights[order], (m + 1, P))
+        self.slice_matrix = _csr(torch.full((P,), d + 1, device=device), index, weights,
+                                 (P, m + 1))
         # Blur along axis j: a vertex and its two neighbours, key -/+ (1, ..., 1, -d, 1, ...)
         # (-d on axis j; axis d is implicit, so there every stored coordinate moves by 1).
         rows = torch.arange(m, device=device, dtype=index_type)
+        three = torch.cat([torch.full((m,), 3, device=device), torch.zeros(1, device=device)])
+        values = torch.tensor([1.0, 0.5, 0.5], device=device).repeat(m)
         self.blurs = []
         for j in range(d + 1):
             step = -strides[:d].sum() + ((d + 1) * strides[j] if j < d else 0)
             n1 = _find(lattice, lattice + step).to(index_type)
-            n2 = _find(lattice, lattice - step).to(index_type)
-            cols = torch.stack([rows, n1, n2], dim=1)  # (M, 3), -1 where absent
-            vals = torch.tensor([1.0, 0.5, 0.5], device=device).expand(m, 3)
-            ok = cols >= 0
-            self.blurs.append(_csr(ok.sum(1), cols[ok], vals[ok], (m, m)))
+            # The opposite neighbour is the inverse map: n1[a] = b  <=>  n2[b] = a.
+            # (absent neighbours all write the extra slot m, which is dropped).
+            n2 = torch.full((m + 1,), m, dtype=index_type, device=device)
+            n2[n1] = rows
+            n2 = n2[:m]
+            cols = torch.stack([rows, n1, n2], dim=1).reshape(-1)  # (3M,), m where absent
+            self.blurs.append(_csr(three.to(index_type), cols, values, (m + 1, m + 1)))
         self.alpha = 1.0 / (1 + 2.0 ** -d)  # densecrf's scale of the lattice's blur
         self.m = m
 
@@ -179,11 +190,30 @@ class PermutohedralLattice:
             grid = blur @ grid
         return (self.slice_matrix @ grid).reshape(B, N, C) * self.alpha
 
+    def scaled(self, after: torch.Tensor, before: torch.Tensor | None = None
+               ) -> "PermutohedralLattice":
+        """The same filter with per-point factors folded in: v -> after * K(before * v).
+        after, before: (B, N, 1) for a lattice of B images of N points."""
+        out = copy.copy(self)
+        splat, slice_ = self.splat_matrix, self.slice_matrix
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out.slice_matrix = torch.sparse_csr_tensor(  # rows are points, d+1 entries each
+                slice_.crow_indices(), slice_.col_indices(),
+                (slice_.values().reshape(-1, self.d + 1) * after.reshape(-1, 1)).reshape(-1),
+                slice_.shape)
+            if before is not None:  # columns are points: a gather, worth it for cached kernels
+                out.splat_matrix = torch.sparse_csr_tensor(
+                    splat.crow_indices(), splat.col_indices(),
+                    splat.values() * before.reshape(-1)[splat.col_indices()], splat.shape)
+        return out
+
 
 def _find(sorted_codes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Index of each code in the sorted array, or -1 where it is absent."""
-    pos = torch.searchsorted(sorted_codes, codes).clamp(max=sorted_codes.numel() - 1)
-    return torch.where(sorted_codes[pos] == codes, pos, torch.full_like(pos, -1))
+    """Index of each code in the sorted array, or its length where the code is absent."""
+    n = sorted_codes.numel()
+    pos = torch.searchsorted(sorted_codes, codes).clamp(max=n - 1)
+    return torch.where(sorted_codes[pos] == codes, pos, torch.full_like(pos, n))
 
 
 def _csr(counts: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
@@ -219,11 +249,12 @@ def _kernel_norm(lattice: PermutohedralLattice) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _position_lattice(h: int, w: int, sxy: float, device: str):
-    """The position-only kernel depends on the grid alone: built once per size, shared by
-    every image and batch of that size."""
+def _position_kernel(h: int, w: int, sxy: float, weight: float, device: str):
+    """The position-only kernel, normalised and weighted, depends on the grid alone: built
+    once per size, shared by every image and batch of that size."""
     lattice = PermutohedralLattice(pixel_features(None, (1, h, w), sxy).to(device))
-    return lattice, _kernel_norm(lattice)
+    norm = _kernel_norm(lattice)
+    return lattice.scaled(weight * norm, norm)
 
 
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -260,15 +291,18 @@ def dense_crf(image: torch.Tensor, prob: torch.Tensor, *, iters: int = 10,
     if image.shape[0] != B or image.shape[-2:] != prob.shape[-2:]:
         raise ValueError(f"image {tuple(image.shape)} and prob {tuple(prob.shape)} differ")
     unary = torch.log(prob.float().clamp(1e-5, 1.0)).reshape(B, C, H * W).transpose(1, 2)
+    unary = unary.contiguous()  # (B, HW, C), labels innermost
     bilateral = PermutohedralLattice(pixel_features(image.to(prob.device), (B, H, W),
                                                     sxy_bilateral, srgb))
-    kernels = [(*_position_lattice(H, W, float(sxy_gaussian), str(prob.device)), compat_gaussian),
-               (bilateral, _kernel_norm(bilateral), compat_bilateral)]
+    # Normalisation and weights folded into the filters where it is cheap: w n * K(n * q).
+    position = _position_kernel(H, W, float(sxy_gaussian), float(compat_gaussian),
+                                str(prob.device))
+    norm = _kernel_norm(bilateral)
+    bilateral = bilateral.scaled(compat_bilateral * norm)
     q = _softmax(unary)  # (B, HW, C)
     for _ in range(iters):
-        logits = unary.clone()
-        for lattice, norm, weight in kernels:
-            logits += weight * norm * lattice.filter(norm * q)
+        logits = unary + position.filter(q)
+        logits += bilateral.filter(norm * q)
         q = _softmax(logits)
     q = q.transpose(1, 2).reshape(B, C, H, W)  # (B,HW,C) -> (B,C,H,W)
     return q[0] if unbatched else q
