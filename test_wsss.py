@@ -682,6 +682,10 @@ def test_pseudo_writes_masks_overlays_and_scores(tiny_run, tmp_path, capsys):
     assert "smoke IoU" in stdout and '"context_fp"' in stdout
     code, _, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out", out)
     assert code == 2 and "--force" in err
+    banded = tmp_path / "banded"
+    assert run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out", banded,
+                   "--ignore-band", 1.01)[0] == 0  # a band wider than 1 leaves no pixel sure
+    assert all((np.array(Image.open(m)) == wsss.IGNORE).all() for m in banded.glob("val_*.png"))
 
 
 def test_pseudo_names_the_command_that_makes_a_missing_checkpoint(tiny_run, tmp_path, capsys):

@@ -174,6 +174,9 @@ class RefineConfig:
         "colour kernel's position width, px"))
     crf_srgb: float = field(default=13.0, metadata=_help("colour kernel's colour width"))
     crf_compat_bilateral: float = field(default=10.0, metadata=_help("colour kernel weight"))
+    ignore_band: float = field(default=0.0, metadata=_help(
+        "pixels whose two best scores differ by less than this become 255 (ignore), for "
+        "stage-3 training (CLIP-ES); scoring counts them as background"))
     fill: bool = field(default=False, metadata=_help(
         "the coverage fix: a random walk of the CAMs over the student's attention affinities"))
     fill_steps: int = field(default=2, metadata=_help("random-walk steps of the coverage fix"))
@@ -1022,7 +1025,7 @@ def refine(rgb: torch.Tensor, cams: torch.Tensor, cam_config: CamConfig,
             sxy_gaussian=config.crf_sxy_gaussian, compat_gaussian=config.crf_compat_gaussian,
             sxy_bilateral=config.crf_sxy_bilateral, srgb=config.crf_srgb,
             compat_bilateral=config.crf_compat_bilateral)
-    return postprocess.probs_to_mask(probs)
+    return postprocess.probs_to_mask(probs, config.ignore_band)
 
 
 def pseudo_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: RefineConfig,
@@ -1132,6 +1135,7 @@ class Scores:
     def add(self, pred: torch.Tensor, truth: torch.Tensor, context: torch.Tensor | None = None):
         """pred, truth: (H, W) class indices (truth 255 = ignore); context: (H, W) bool."""
         valid = truth != IGNORE
+        pred = torch.where(pred == IGNORE, torch.zeros_like(pred), pred)  # abstained: background
         p, t = pred[valid].long(), truth[valid].long()
         self.confusion += torch.bincount(t * self.n + p.clamp(max=self.n - 1),
                                          minlength=self.n ** 2).reshape(self.n, self.n)
@@ -1140,10 +1144,10 @@ class Scores:
             self.image_ious.append(((fg_t & fg_p).sum() / (fg_t | fg_p).sum()).item())
         if context is not None:
             self.context_pixels += int(context.sum())
-            self.context_called_fg += int((context & (pred > 0) & (pred != IGNORE)).sum())
+            self.context_called_fg += int((context & (pred > 0)).sum())
         # Boundary F1 of foreground vs the rest. Predicted edges inside ignore are not scored
         # for precision but may still match a true edge (the true edge lies in that band).
-        pred_edge = boundary((pred > 0) & (pred != IGNORE))
+        pred_edge = boundary(pred > 0)
         true_edge = boundary((truth > 0) & valid)
         scored = pred_edge & valid
         self.boundary[0] += int(scored.sum())
