@@ -421,12 +421,11 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return top * (1 - fy) + bottom * fy
 
 
-def _puffs(yy, xx, centres, radii, densities) -> np.ndarray:
-    """Opacity of overlapping Gaussian puffs: 1 - prod_k (1 - d_k * g_k), shape (H, W)."""
-    cy = centres[:, 1, None, None]
-    cx = centres[:, 0, None, None]
-    g = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radii[:, None, None] ** 2))
-    return 1 - np.prod(1 - densities[:, None, None] * g, axis=0)
+def _puffs(yy, xx, x, y, radii, densities) -> np.ndarray:
+    """Opacity of each Gaussian puff k, d_k * exp(-|p - c_k|^2 / 2 r_k^2): shape (K, H, W)."""
+    g = np.exp(-((yy - y[:, None, None]) ** 2 + (xx - x[:, None, None]) ** 2)
+               / (2 * radii[:, None, None] ** 2))
+    return densities[:, None, None] * g
 
 
 def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: bool
@@ -477,8 +476,9 @@ def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: boo
         n = rng.integers(3, 7)
         c = np.stack([rng.uniform(0, s) + rng.normal(0, 0.08 * s, n),
                       rng.uniform(0.05, 0.45) * s + rng.normal(0, 0.03 * s, n)], axis=1)
-        distractor = np.maximum(distractor, _puffs(yy, xx, c, rng.uniform(0.04, 0.09, n) * s,
-                                                   rng.uniform(0.4, 0.8, n)))
+        puffs = _puffs(yy, xx, c[:, 0], c[:, 1], rng.uniform(0.04, 0.09, n) * s,
+                       rng.uniform(0.4, 0.8, n))
+        distractor = np.maximum(distractor, 1 - np.prod(1 - puffs, axis=0))  # overlaps thicken
     if rng.random() < 0.35:
         haze = np.exp(-((yy - horizon + rng.uniform(0, 0.1) * s) / (0.08 * s)) ** 2)
         distractor = np.maximum(distractor, haze * rng.uniform(0.3, 0.6))
@@ -498,9 +498,7 @@ def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: boo
             y = top - length * rise * t * (1 - 0.4 * t) + rng.normal(0, 0.01 * s, n)
             radii = w * 0.5 + t * rng.uniform(0.03, 0.08) * s
             dens = rng.uniform(0.85, 1.0) * (1 - 0.5 * t)
-            puffs = dens[:, None, None] * np.exp(
-                -((yy - y[:, None, None]) ** 2 + (xx - x[:, None, None]) ** 2)
-                / (2 * radii[:, None, None] ** 2))
+            puffs = _puffs(yy, xx, x, y, radii, dens)
             plume = np.maximum(plume, puffs.max(axis=0))  # max, not a sum: overlap adds no mass
         plume *= 0.75 + 0.25 * _smooth_noise(rng, s, s, 6)  # turbulence
         colour = rng.choice([[235, 235, 235], [170, 170, 175], [120, 110, 100], [200, 180, 140]])
@@ -1227,11 +1225,16 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam_config: CamConfig
     return scores.result() if scores is not None else None
 
 
+def read_run_config(run: Path) -> RunConfig:
+    path = run / "config.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; `python wsss.py train` makes a run folder")
+    return RunConfig.from_dict(json.loads(path.read_text()))
+
+
 def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher, models.Student]:
     """A run's config and its trained, frozen networks."""
-    if not (run / "config.json").is_file():
-        raise DataError(f"{run / 'config.json'}: not found; `python wsss.py train` makes a run")
-    config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    config = read_run_config(run)
     num_classes = len(read_classes(Path(config.data)))
     nets = []
     for name, build in (("teacher", build_teacher), ("student", build_student)):
@@ -1427,9 +1430,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     began = time.perf_counter()
     if args.resume:
         run = Path(args.resume)
-        if not (run / "config.json").is_file():
-            raise DataError(f"{run / 'config.json'}: not found; --resume takes a run folder")
-        config = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+        config = read_run_config(run)
     else:
         config = config_from_flags(args)
         run = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
