@@ -152,8 +152,8 @@ class CamConfig:
         "whose CAMs become pseudo masks: student or teacher"))
     cam_method: str = field(default="gradcam", metadata=_help(
         "student CAM: gradcam (on the last block's norm1, the paper) or proj (its 1x1 map)"))
-    cam_scales: tuple[float, ...] = field(default=(1.0, 1.5), metadata=_help(
-        "input scales averaged (the paper: 0.5 1 1.5 2)"))
+    cam_scales: tuple[float, ...] = field(default=(0.5, 1.0, 1.5, 2.0), metadata=_help(
+        "input scales averaged, as the paper"))
     cam_flip: bool = field(default=True, metadata=_help("also average the horizontally flipped input"))
     threshold: float = field(default=0.3, metadata=_help(
         "background score: a pixel is smoke where its normalised CAM exceeds it"))
@@ -195,7 +195,7 @@ PRESETS = {
         "model": dict(teacher="resnet50", teacher_width=64, output_stride=16, pcm=True,
                       student="vit_base", student_depth=12, patch_size=16, image_size=512),
         "train": dict(teacher_epochs=3, student_epochs=3, batch_size=8, lr=1e-4),
-        "cam": dict(cam_scales=(0.5, 1.0, 1.5, 2.0), cam_batch_size=8),
+        "cam": dict(cam_batch_size=8),
     },
 }
 
