@@ -6,6 +6,8 @@
   load one-to-one; hand-written attention that can return its maps.
 - Teacher = ResNet + 1x1 classifier (+ SEAM's pixel correlation module); Student = ViT +
   class-token head + 1x1 projection of the patch tokens. Both return (logits, maps).
+- Stage 3: DeepLab (ResNet + ASPP) and LinearSegmenter (ViT + linear decoder), per-pixel
+  logits for training on pseudo masks.
 
 Networks only: tensors in, tensors out; no files, no argv.
 """
@@ -432,6 +434,69 @@ class Student(nn.Module):
         tokens = tokens + last.attn(normed)[0]  # the rest of Block.forward, on `normed`
         tokens = tokens + last.mlp(last.norm2(tokens))
         return vit.forward_head(vit.norm(tokens)), normed
+
+
+# -----------------------------------------------------------------------------
+# Stage 3: segmentation networks trained on the pseudo masks. Both return per-pixel logits
+# (B, K+1, H, W) at the input size, background first.
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLabv3, Chen et al. 2017): a 1x1 branch, dilated 3x3
+    branches and an image-pooling branch, concatenated and fused by a 1x1 convolution."""
+
+    def __init__(self, in_channels: int, channels: int, rates: tuple[int, ...]):
+        super().__init__()
+        self.branches = nn.ModuleList([nn.Sequential(
+            conv1x1(in_channels, channels), nn.BatchNorm2d(channels), nn.ReLU(inplace=True))])
+        for rate in rates:
+            self.branches.append(nn.Sequential(
+                conv3x3(in_channels, channels, dilation=rate), nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True)))
+        # No BatchNorm after pooling: a (B, C, 1, 1) batch of one image has no statistics.
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv1x1(in_channels, channels),
+                                  nn.ReLU(inplace=True))
+        self.project = nn.Sequential(conv1x1(channels * (len(rates) + 2), channels),
+                                     nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [branch(x) for branch in self.branches]
+        outs.append(self.pool(x).expand(-1, -1, x.shape[2], x.shape[3]))  # (B,C,1,1) -> (B,C,h,w)
+        return self.project(torch.cat(outs, dim=1))
+
+
+class DeepLab(nn.Module):
+    """DeepLabv3: a dilated ResNet (output stride 8 or 16), ASPP, a 1x1 classifier, and
+    bilinear upsampling of the logits to the input size."""
+
+    def __init__(self, backbone: ResNet, num_classes: int, channels: int = 128,
+                 rates: tuple[int, ...] = (6, 12, 18)):
+        super().__init__()
+        self.backbone = backbone
+        self.aspp = ASPP(backbone.num_features, channels, rates)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.classifier(self.aspp(self.backbone.forward_features(x)))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class LinearSegmenter(nn.Module):
+    """A ViT with a linear decoder (Segmenter's baseline, Strudel et al. 2021): each normed
+    patch token is classified by one linear layer, and the logits upsampled bilinearly."""
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(backbone.embed_dim, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, H, W = x.shape
+        p = self.backbone.patch_size
+        tokens = self.backbone.forward_features(x)[:, 1:]  # class token dropped: (B,N,D)
+        grid = tokens.transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B,N,D) -> (B,D,h,w)
+        logits = self.classifier(grid)
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
 
 
 # -----------------------------------------------------------------------------

@@ -778,3 +778,89 @@ def test_eval_sweep_from_saved_cams(tiny_run, tmp_path, capsys, synth_dir):
     # per-image mean.
     best_mean = max(r["image_iou"] for r in sweep["curve"])
     assert sweep["oracle_image_iou"] >= best_mean - 1e-9
+
+
+# -----------------------------------------------------------------------------
+# Stage 3 and prediction
+
+
+def test_segmentation_loss_ignores_255_and_is_zero_without_labels():
+    logits = torch.randn(2, 3, 5, 5)
+    target = torch.randint(0, 3, (2, 5, 5))
+    target[0, :2] = 255
+    expected = F.cross_entropy(logits, target, ignore_index=255)
+    assert torch.allclose(losses.segmentation_loss(logits, target), expected, atol=1e-6)
+    assert losses.segmentation_loss(logits, torch.full((2, 5, 5), 255)) == 0
+
+
+@pytest.mark.parametrize("network", ["resnet", "vit"])
+def test_segmenters_overfit_one_batch(network):
+    torch.manual_seed(0)
+    model = wsss.ModelConfig(image_size=32, teacher_width=8, student_depth=2)
+    net = wsss.build_segmenter(model, wsss.SegmentConfig(seg_network=network), num_classes=1)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, 32, 32, dtype=torch.long)
+    y[0, :, :16] = 1  # smoke on the left of one image, at the bottom of the other
+    y[1, 16:] = 1
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(40):
+        logits = net(x)
+        loss = losses.segmentation_loss(logits, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert logits.shape == (2, 2, 32, 32)
+    net.eval()
+    assert (net(x).argmax(1) == y).float().mean() > 0.9
+
+
+def test_segment_then_predict_end_to_end(tiny_run, tmp_path, capsys, synth_dir):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    code, out, err = run_cli(capsys, "segment", "--run", run, "--seg-epochs", 2,
+                             "--seg-batch-size", 4)
+    assert code == 0, err
+    assert "segment epoch 2/2 step 3/3 loss" in out and "stage 3 (pseudo) on val" in out
+    assert wsss.load_checkpoint(run / "segment.pt")["done"]
+    assert len(list((run / "segment_val").glob("*.png"))) == 6
+    assert 0 <= wsss.json.loads((run / "segment_val.json").read_text())["smoke_iou"] <= 100
+    code, _, err = run_cli(capsys, "segment", "--run", run)
+    assert code == 2 and "already trained" in err and "--force" in err
+    # The fully supervised upper bound, on the ViT.
+    code, out, err = run_cli(capsys, "segment", "--run", run, "--seg-targets", "truth",
+                             "--seg-network", "vit", "--seg-epochs", 1, "--seg-batch-size", 4)
+    assert code == 0 and (run / "segment_truth.pt").is_file(), err
+
+    # A folder of frames with one that does not decode, and one of another size.
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for path in sorted((synth_dir / "images").glob("val_*.png"))[:3]:
+        shutil.copy(path, frames / path.name)
+    (frames / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (90, 60), (120, 130, 140)).save(frames / "wide.jpg")
+    pred = tmp_path / "pred"
+    code, out, err = run_cli(capsys, "predict", "--run", run, "--input", frames, "--out", pred,
+                             "--batch-size", 2)
+    assert code == 0, err
+    assert "4 masks" in out and "stage-3 network" in out and "images/s" in out
+    assert "broken.jpg" in out and "skipped 1 unreadable" in out
+    assert np.array(Image.open(pred / "wide.png")).shape == (60, 90)  # the input's own size
+    assert len(list((pred / "overlays").glob("*.jpg"))) == 4
+    code, _, err = run_cli(capsys, "predict", "--run", run, "--input", frames, "--out", pred)
+    assert code == 2 and "--force" in err
+
+    # Without a stage-3 network: the student's CAM, gated by its classifier; files by name.
+    (run / "segment.pt").unlink()
+    code, out, err = run_cli(capsys, "predict", "--run", run, frames / "wide.jpg",
+                             "--out", tmp_path / "cam")
+    assert code == 0 and "1 masks" in out and "student CAM" in out, err
+    assert set(np.unique(np.array(Image.open(tmp_path / "cam" / "wide.png")))) <= {0, 1}
+
+
+def test_segment_and_predict_name_what_is_missing(tiny_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "segment", "--run", tiny_run, "--seg-masks", tmp_path / "no")
+    assert code == 2 and "pseudo --run" in err
+    code, _, err = run_cli(capsys, "predict", "--run", tmp_path / "nothing", "--input", tmp_path)
+    assert code == 2 and "wsss.py train" in err
+    code, _, err = run_cli(capsys, "predict", "--run", tiny_run, "--input", tmp_path / "none")
+    assert code == 2 and "folder not found" in err

@@ -184,8 +184,26 @@ class RefineConfig:
         "power that sharpens the attention affinities"))
 
 
+@dataclass
+class SegmentConfig:
+    seg_network: str = field(default="resnet", metadata=_help(
+        "stage-3 network: resnet (DeepLabv3 on the teacher's ResNet) or vit (a linear decoder "
+        "on the student's ViT)"))
+    seg_targets: str = field(default="pseudo", metadata=_help(
+        "pseudo: train on the pseudo masks in --seg-masks; truth: on the ground-truth masks "
+        "(the fully supervised upper bound)"))
+    seg_masks: str = field(default="", metadata=_help(
+        "folder of pseudo masks <stem>.png, 255 = ignore (default: RUN/pseudo)"))
+    seg_init: str = field(default="run", metadata=_help(
+        "run: start from the run's trained backbone (teacher's ResNet or student's ViT); "
+        "scratch: random initialisation"))
+    seg_epochs: int = field(default=12, metadata=_help("epochs of stage 3"))
+    seg_batch_size: int = field(default=16, metadata=_help("images a step in stage 3"))
+    seg_lr: float = field(default=5e-4, metadata=_help("AdamW peak learning rate of stage 3"))
+
+
 CONFIGS = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "cam": CamConfig,
-           "refine": RefineConfig}
+           "refine": RefineConfig, "segment": SegmentConfig}
 
 # Presets: overrides of the defaults above. "cpu" fits a 2-core laptop in minutes; "paper" is
 # the paper's setting (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8).
@@ -293,7 +311,7 @@ def load_image(path: Path) -> Image.Image:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
 
 
@@ -316,6 +334,12 @@ def load_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray
     return mask.astype(np.uint8)
 
 
+def network_input(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float, ImageNet-normalised (what every network here reads)."""
+    x = v2.functional.to_dtype(rgb, torch.float32, scale=True)
+    return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
 class SmokeDataset(Dataset):
     """One split of a dataset folder.
 
@@ -323,18 +347,28 @@ class SmokeDataset(Dataset):
     (3,S,S) uint8, "label" (K,) multi-hot float, and when the folder has them "mask" (S,S) int64
     with 255 = ignore, "context" (S,S) bool}.
     Images without a mask file get an all-ignore mask so that batches stay uniform.
+    `masks` names a folder of <stem>.png masks to use instead of DIR/masks (stage 3 trains on
+    pseudo masks this way).
     """
 
-    def __init__(self, root: str | Path, split: str, size: int | None = 128, flip: bool = False):
+    def __init__(self, root: str | Path, split: str, size: int | None = 128, flip: bool = False,
+                 masks: Path | None = None):
         self.root = Path(root)
         self.classes, self.samples = read_split(self.root, split)
+        if masks is not None:
+            missing = [s.stem for s in self.samples if not (masks / f"{s.stem}.png").is_file()]
+            if missing:
+                raise DataError(f"{masks / missing[0]}.png: mask missing ({len(missing)} of "
+                                f"{len(self.samples)} {split} images have none; `python wsss.py "
+                                f"pseudo` writes pseudo masks)")
+            self.samples = [dataclasses.replace(s, mask=masks / f"{s.stem}.png")
+                            for s in self.samples]
         self.has_masks = any(s.mask is not None for s in self.samples)
         self.has_context = any(s.context is not None for s in self.samples)
         steps = [v2.Resize((size, size), antialias=True)] if size else []
         if flip:
             steps.append(v2.RandomHorizontalFlip())
         self.transform = v2.Compose(steps or [v2.Identity()])
-        self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -364,8 +398,7 @@ class SmokeDataset(Dataset):
             extras["context"] = tv_tensors.Mask(torch.from_numpy(context))
         image, extras = self.transform(image, extras)
         item = {"stem": s.stem, "size": torch.tensor([h, w]), "rgb": image.as_subclass(torch.Tensor),
-                "image": self.normalize(v2.functional.to_dtype(image, torch.float32, scale=True))
-                .as_subclass(torch.Tensor),
+                "image": network_input(image.as_subclass(torch.Tensor)),
                 "label": self.label_vector(s)}
         item.update({k: t.as_subclass(torch.Tensor) for k, t in extras.items()})
         return item
@@ -670,6 +703,7 @@ class RunConfig:
     loss: LossConfig
     cam: CamConfig
     refine: RefineConfig = field(default_factory=RefineConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -817,7 +851,8 @@ def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
 def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dataset,
                 run: Path, config: RunConfig, epochs: int, device: torch.device,
                 log: Log) -> None:
-    """Generic epoch loop: `step(batch) -> {"loss": ..., other terms}`; trains every module in
+    """Generic epoch loop: `step(batch) -> {"loss": ..., other terms}`, the batch's tensors on
+    the device; trains every module in
     `nets` with one AdamW, checkpoints RUN/<name>.pt atomically after every epoch, resumes from
     those checkpoints, and stops on a non-finite loss with the last good checkpoint intact."""
     t = config.train
@@ -850,10 +885,10 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
         sums: dict[str, float] = {}
         loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device)
         for i, batch in enumerate(loader, start=1):
-            images = batch["image"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                     if isinstance(v, torch.Tensor)}
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                terms = step(images, labels)
+                terms = step(batch)
             loss = terms["loss"]
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -867,7 +902,7 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            seen += len(images)
+            seen += len(batch["image"])
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             if i % t.log_every == 0 or i == steps_per_epoch:
@@ -899,9 +934,9 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
     t = config.train
 
-    def teacher_step(images, labels):
-        logits, _ = teacher(images)
-        loss = losses.classification_loss(logits, labels)
+    def teacher_step(batch):
+        logits, _ = teacher(batch["image"])
+        loss = losses.classification_loss(logits, batch["label"])
         return {"loss": loss, "cls": loss}
 
     if t.mode == "distill":
@@ -909,20 +944,22 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
                     t.teacher_epochs, device, log)
         freeze(teacher)
 
-        def student_step(images, labels):
+        def student_step(batch):
             teacher_maps = None
             if config.loss.align_weight > 0:
                 with torch.no_grad():
-                    _, teacher_maps = teacher(images)
-            return student_losses(student, images, labels, teacher_maps, config.loss)
+                    _, teacher_maps = teacher(batch["image"])
+            return student_losses(student, batch["image"], batch["label"], teacher_maps,
+                                  config.loss)
 
         train_stage("student", {"student": student}, student_step, dataset, run, config,
                     t.student_epochs, device, log)
     elif t.mode == "co-train":
-        def joint_step(images, labels):
-            logits, teacher_maps = teacher(images)
-            cls_t = losses.classification_loss(logits, labels)
-            terms = student_losses(student, images, labels, teacher_maps, config.loss)
+        def joint_step(batch):
+            logits, teacher_maps = teacher(batch["image"])
+            cls_t = losses.classification_loss(logits, batch["label"])
+            terms = student_losses(student, batch["image"], batch["label"], teacher_maps,
+                                   config.loss)
             terms["loss"] = terms["loss"] + cls_t
             terms["teacher_cls"] = cls_t
             return terms
@@ -1247,6 +1284,207 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
         restore(net, load_checkpoint(path), path)
         nets.append(freeze(net.to(device)))
     return config, nets[0], nets[1]
+
+
+# -----------------------------------------------------------------------------
+# Stage 3: a segmentation network trained on the pseudo masks, and masks for any image
+
+SEGMENT_CHECKPOINTS = {"pseudo": "segment", "truth": "segment_truth"}  # --seg-targets -> RUN/<name>.pt
+
+
+def build_segmenter(model: ModelConfig, seg: SegmentConfig, num_classes: int) -> torch.nn.Module:
+    """DeepLabv3 on the teacher's ResNet, or a linear decoder on the student's ViT; K + 1
+    outputs (background first)."""
+    if seg.seg_network == "resnet":
+        backbone = build_teacher(model, num_classes).backbone
+        side = model.image_size // model.output_stride
+        # DeepLabv3's rates (6, 12, 18) suit its 33x33 feature maps (513 px at output stride
+        # 16); scaled to this map's side, so that the branches still see different contexts.
+        rates = tuple(max(1, round(r * side / 33)) for r in (6, 12, 18))
+        return models.DeepLab(backbone, num_classes + 1, rates=rates)
+    if seg.seg_network == "vit":
+        return models.LinearSegmenter(build_student(model, num_classes).backbone, num_classes + 1)
+    raise DataError(f"--seg-network must be resnet or vit, got {seg.seg_network!r}")
+
+
+def init_from_run(net: torch.nn.Module, run: Path, seg: SegmentConfig) -> None:
+    """Start stage 3 from the backbone the run trained (no ImageNet weights are downloaded)."""
+    name = "teacher" if seg.seg_network == "resnet" else "student"
+    path = run / f"{name}.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; `python wsss.py train --resume {run}` finishes the "
+                        f"run (or use --seg-init scratch)")
+    state = {k.removeprefix("backbone."): v for k, v in load_checkpoint(path)["model"].items()
+             if k.startswith("backbone.")}
+    net.backbone.load_state_dict(state)
+
+
+def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log) -> torch.nn.Module:
+    """Stage 3: the segmentation network on the pseudo masks (255 ignored), or on the ground
+    truth for the upper bound; checkpointed to RUN/segment.pt (segment_truth.pt), resumable."""
+    seg = config.segment
+    if seg.seg_targets not in SEGMENT_CHECKPOINTS:
+        raise DataError(f"--seg-targets must be pseudo or truth, got {seg.seg_targets!r}")
+    masks = None
+    if seg.seg_targets == "pseudo":
+        masks = Path(seg.seg_masks) if seg.seg_masks else run / "pseudo"
+        if not masks.is_dir():
+            raise DataError(f"{masks}: no pseudo masks; `python wsss.py pseudo --run {run} "
+                            f"--out {masks}` writes them")
+    # Random flips, as every segmentation recipe; the pseudo masks flip with their images.
+    dataset = SmokeDataset(config.data, "train", size=config.model.image_size, flip=True,
+                           masks=masks)
+    if not dataset.has_masks:
+        raise DataError(f"{Path(config.data) / 'masks'}: no ground-truth masks to train on")
+    torch.manual_seed(config.train.seed)
+    model = dataclasses.replace(config.model, teacher_weights="", student_weights="")
+    net = build_segmenter(model, seg, len(dataset.classes))
+    if seg.seg_init == "run":
+        init_from_run(net, run, seg)
+    elif seg.seg_init != "scratch":
+        raise DataError(f"--seg-init must be run or scratch, got {seg.seg_init!r}")
+    net = net.to(device)
+    log(f"stage 3: {seg.seg_network} segmenter, {models.count_parameters(net) / 1e6:.2f} M "
+        f"parameters, from {seg.seg_init}, on {masks or 'the ground-truth masks'}")
+    name = SEGMENT_CHECKPOINTS[seg.seg_targets]
+    stage = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, batch_size=seg.seg_batch_size, lr=seg.seg_lr))
+
+    def step(batch):
+        loss = losses.segmentation_loss(net(batch["image"]), batch["mask"], IGNORE)
+        return {"loss": loss}
+
+    train_stage(name, {name: net}, step, dataset, run, stage, seg.seg_epochs, device, log)
+    return freeze(net)
+
+
+def load_segmenter(run: Path, config: RunConfig, device: torch.device,
+                   name: str = "segment") -> torch.nn.Module | None:
+    """The run's trained stage-3 network, or None when it has none."""
+    path = run / f"{name}.pt"
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    model = dataclasses.replace(config.model, teacher_weights="", student_weights="")
+    seg = RunConfig.from_dict(ckpt["config"]).segment
+    net = build_segmenter(model, seg, len(read_classes(Path(config.data))))
+    restore(net, ckpt, path)
+    return freeze(net.to(device))
+
+
+def segment_masks(net: torch.nn.Module, images: torch.Tensor, sizes: list[tuple[int, int]],
+                  device: torch.device, amp: str) -> list[torch.Tensor]:
+    """Stage-3 masks (h, w) uint8 at each image's own size: logits upsampled, then argmax."""
+    dtype = autocast_dtype(amp, device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                         enabled=dtype is not None):
+        logits = net(images.to(device)).float()
+    return [F.interpolate(z[None], size=size, mode="bilinear", align_corners=False)[0]
+            .argmax(0).to(torch.uint8).cpu() for z, size in zip(logits, sizes)]
+
+
+def cam_masks(config: RunConfig, teacher: models.Teacher, student: models.Student, batch: dict,
+              sizes: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
+    """Without a stage-3 network: the run's CAM and refinement, gated by the CAM network's own
+    classifier (a class is present where its sigmoid exceeds 0.5); masks at each image's size."""
+    classifier = student if config.cam.cam_network == "student" else teacher
+    with torch.no_grad():
+        logits = classifier(batch["image"].to(device))[0].float()
+    batch = {**batch, "label": (torch.sigmoid(logits) > 0.5).float().cpu()}
+    cams = batch_cams(batch, config.cam, config.refine, teacher, student, device, config.train.amp)
+    masks = refine(batch["rgb"], cams, config.cam, config.refine).cpu()
+    return [resize_mask(m, size) for m, size in zip(masks, sizes)]
+
+
+def segment_split(net: torch.nn.Module, config: RunConfig, split: str, out: Path,
+                  device: torch.device) -> dict | None:
+    """Stage-3 masks of a whole split into `out` (file sizes), scored as `eval` scores them."""
+    dataset = SmokeDataset(config.data, split, size=config.model.image_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.segment.seg_batch_size)
+    for batch in loader:
+        sizes = [tuple(s) for s in batch["size"].tolist()]
+        for stem, mask in zip(batch["stem"], segment_masks(net, batch["image"], sizes, device,
+                                                           config.train.amp)):
+            save_mask(mask, out / f"{stem}.png")
+    if not dataset.has_masks:
+        return None
+    return evaluate_folder(SmokeDataset(config.data, split, size=None), out)
+
+
+PREDICT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def find_images(paths: list[str], folder: str | None) -> list[Path]:
+    """The files named, or the image files of `folder` (not its subfolders); stems unique,
+    since each names its mask."""
+    if folder is not None:
+        root = Path(folder)
+        if not root.is_dir():
+            raise DataError(f"{root}: folder not found")
+        # is_file() is False for broken links and link loops: they are not images.
+        files = sorted(p for p in root.iterdir()
+                       if p.suffix.lower() in PREDICT_EXTENSIONS and p.is_file())
+    else:
+        files = [Path(p) for p in paths]
+    if not files:
+        raise DataError(f"{folder or 'the command line'}: no images ({', '.join(PREDICT_EXTENSIONS)})")
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise DataError(f"{path} and {seen[path.stem]}: two images named {path.stem!r} would "
+                            f"write one mask")
+        seen[path.stem] = path
+    return files
+
+
+def overlay(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int, side: int = 768) -> Image.Image:
+    """The photo with its mask painted over it, at most `side` pixels on its long side."""
+    h, w = mask.shape
+    scale = min(1.0, side / max(h, w))
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    rgb = v2.functional.resize(rgb, list(size), antialias=True)
+    mask = resize_mask(mask, size)
+    painted = paint(rgb, masks=[mask == k for k in range(1, num_classes + 1)])
+    return Image.fromarray(painted.permute(1, 2, 0).numpy())  # (3,H,W) -> (H,W,3)
+
+
+def predict(run: Path, files: list[Path], out: Path, device: torch.device,
+            batch_size: int) -> dict:
+    """Masks (OUT/<stem>.png, class indices at the input's size) and overlays
+    (OUT/overlays/<stem>.jpg) for any images. Unreadable files are reported and skipped."""
+    config, teacher, student = load_run(run, device)
+    segmenter = load_segmenter(run, config, device)
+    num_classes = len(read_classes(Path(config.data)))
+    size = config.model.image_size
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    skipped, done, began = [], 0, time.perf_counter()
+    for start in range(0, len(files), batch_size):
+        loaded = []
+        for path in files[start:start + batch_size]:
+            try:
+                pil = load_image(path)
+            except DataError as e:
+                print(f"skipped {e}", flush=True)
+                skipped.append(str(path))
+                continue
+            loaded.append((path, torch.from_numpy(np.array(pil)).permute(2, 0, 1)))  # (H,W,3) -> (3,H,W)
+        if not loaded:
+            continue
+        sizes = [tuple(rgb.shape[1:]) for _, rgb in loaded]
+        rgb = torch.stack([v2.functional.resize(r, [size, size], antialias=True) for _, r in loaded])
+        batch = {"image": network_input(rgb), "rgb": rgb}
+        if segmenter is not None:
+            masks = segment_masks(segmenter, batch["image"], sizes, device, config.train.amp)
+        else:
+            masks = cam_masks(config, teacher, student, batch, sizes, device)
+        for (path, full), mask in zip(loaded, masks):
+            save_mask(mask, out / f"{path.stem}.png")
+            overlay(full, mask, num_classes).save(out / "overlays" / f"{path.stem}.jpg", quality=90)
+        done += len(loaded)
+    seconds = time.perf_counter() - began
+    return {"images": done, "skipped": skipped, "seconds": seconds,
+            "method": "stage-3 network" if segmenter is not None else
+            f"{config.cam.cam_network} CAM + refinement"}
 
 
 # -----------------------------------------------------------------------------
@@ -1598,6 +1836,53 @@ def threshold_sweep(dataset: "SmokeDataset", cams_dir: Path, thresholds: list[fl
             "oracle_image_iou": 100 * float(np.mean(oracle)) if oracle else float("nan")}
 
 
+def cmd_segment(args: argparse.Namespace) -> None:
+    began = time.perf_counter()
+    run = Path(args.run)
+    config = read_run_config(run)
+    seg = config_from_args(SegmentConfig, args, config.segment)
+    name = SEGMENT_CHECKPOINTS.get(seg.seg_targets, "segment")
+    path = run / f"{name}.pt"
+    if path.is_file() and args.force:
+        path.unlink()
+    elif path.is_file():
+        ckpt = load_checkpoint(path)
+        if ckpt["done"]:
+            raise DataError(f"{path}: already trained (use --force to train it again)")
+        seg = RunConfig.from_dict(ckpt["config"]).segment  # resume with the settings it began with
+    config = dataclasses.replace(config, segment=seg)
+    device = pick_device(args.device or config.train.device)
+    log = Log(run / "log.txt")
+    log(f"segment {run}: " + json.dumps(dataclasses.asdict(seg)))
+    net = train_segmenter(run, config, device, log)
+    if (Path(config.data) / "val.txt").is_file():
+        out = run / f"{name}_val"
+        fresh_output_dir(out, force=True)  # derived from the checkpoint: always rewritten
+        scores = segment_split(net, config, "val", out, device)
+        if scores is not None:
+            log(format_scores(f"stage 3 ({seg.seg_targets}) on val vs ground truth", scores))
+            (run / f"{name}_val.json").write_text(json.dumps(scores, indent=2) + "\n")
+    log(f"wall time {time.perf_counter() - began:.0f} s; `python wsss.py predict --run {run} "
+        f"--input DIR` segments new images")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    if bool(args.images) == bool(args.input):
+        raise DataError("name images, or a folder with --input (not both)")
+    run = Path(args.run)
+    read_run_config(run)  # a wrong --run is named before any image is read
+    files = find_images(args.images, args.input)
+    out = Path(args.out or run / "predict")
+    fresh_output_dir(out, args.force)
+    device = pick_device(args.device)
+    r = predict(run, files, out, device, args.batch_size)
+    print(f"{r['images']} masks in {out} ({r['method']}, {device}): {r['seconds']:.1f} s, "
+          f"{r['images'] / max(r['seconds'], 1e-9):.1f} images/s; overlays in {out / 'overlays'}")
+    if r["skipped"]:
+        print(f"skipped {len(r['skipped'])} unreadable file(s): {', '.join(r['skipped'][:5])}"
+              + (" ..." if len(r["skipped"]) > 5 else ""))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     dataset = SmokeDataset(Path(args.data), args.split, size=None)
     result = evaluate_folder(dataset, Path(args.pred))
@@ -1723,6 +2008,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in CONFIGS.items():
         add_config_flags(p.add_argument_group(f"{name} settings"), cls)
     p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("segment", help="stage 3: a segmentation network on a run's pseudo masks")
+    p.add_argument("--run", required=True, help="run folder written by `train`")
+    p.add_argument("--force", action="store_true", help="train again over a finished network")
+    p.add_argument("--device", help="cuda, mps, cpu or auto (default: the run's)")
+    add_config_flags(p.add_argument_group("segment settings (default: the run's)"), SegmentConfig)
+    p.set_defaults(handler=cmd_segment)
+
+    p = sub.add_parser("predict", help="masks and overlays for any images")
+    p.add_argument("--run", required=True, help="run folder: its stage-3 network when it has "
+                   "one, else its CAMs + refinement")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--input", help="a folder of images (instead of naming files)")
+    p.add_argument("--out", help="folder for <stem>.png masks and overlays/ (default: RUN/predict)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--batch-size", type=int, default=16, help="images a batch (default: 16)")
+    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: auto)")
+    p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("pseudo", help="pseudo masks (and overlays) from a trained run")
     p.add_argument("--run", required=True, help="run folder written by `train`")
