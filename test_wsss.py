@@ -864,3 +864,86 @@ def test_segment_and_predict_name_what_is_missing(tiny_run, tmp_path, capsys):
     assert code == 2 and "wsss.py train" in err
     code, _, err = run_cli(capsys, "predict", "--run", tiny_run, "--input", tmp_path / "none")
     assert code == 2 and "folder not found" in err
+
+
+# -----------------------------------------------------------------------------
+# Data faults: every reader survives what real folders hold
+
+
+def write_faulty_frames(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Frames of every kind a camera folder may hold: name -> (H, W), or None for the ones
+    that cannot be read and must be skipped."""
+    root.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "truncated.jpg")
+    data = (root / "truncated.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "one_pixel.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(root / "grey16.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
+    Image.fromarray(rgb).convert("L").save(root / "grey.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
+    Image.new("RGB", (6000, 4000), (90, 90, 90)).save(root / "huge.jpg")
+    return {"truncated": None, "empty": None, "loop": None, "one_pixel": (1, 1),
+            "grey16": (40, 60), "palette": (40, 60), "grey": (40, 60), "cmyk": (40, 60),
+            "huge": (4000, 6000)}
+
+
+def test_load_image_converts_every_mode_and_names_what_fails(tmp_path):
+    expected = write_faulty_frames(tmp_path / "frames")
+    for name, size in expected.items():
+        path = next((tmp_path / "frames").glob(name + ".*"))
+        if size is None:
+            with pytest.raises(wsss.DataError, match=name):
+                wsss.load_image(path)
+            continue
+        image = wsss.load_image(path)
+        assert image.mode == "RGB" and (image.height, image.width) == size
+    # 16-bit grey keeps its picture (PIL alone would clip it to white).
+    grey16 = np.array(wsss.load_image(tmp_path / "frames" / "grey16.png"), dtype=int)
+    source = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)[..., 0]
+    assert all((grey16[..., c] == source).all() for c in range(3))
+
+
+def test_predict_skips_unreadable_frames_and_keeps_sizes(tiny_run, tmp_path, capsys):
+    expected = write_faulty_frames(tmp_path / "frames")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "predict", "--run", tiny_run, "--input",
+                                tmp_path / "frames", "--out", out, "--batch-size", 4)
+    assert code == 0, err
+    assert "skipped 3 unreadable" in stdout and "6 masks" in stdout
+    for name, size in expected.items():
+        mask = out / f"{name}.png"
+        if size is None:
+            assert name in stdout and not mask.exists()
+        else:
+            assert np.array(Image.open(mask)).shape == size
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated"])
+def test_error_empty_or_truncated_training_image(tmp_path, capsys, synth_dir, kind):
+    root = broken_copy(synth_dir, tmp_path)
+    path = root / "images" / "train_00003.png"
+    data = path.read_bytes()
+    path.write_bytes(b"" if kind == "empty" else data[: len(data) // 2])
+    expect_error(capsys, root, "train_00003.png", "cannot decode")
+
+
+def test_dataset_reads_other_image_and_mask_modes(tmp_path, synth_dir):
+    root = broken_copy(synth_dir, tmp_path)
+    reference = wsss.SmokeDataset(synth_dir, "train", size=None)
+    rgb = np.array(Image.open(root / "images" / "train_00000.png").convert("RGB"))
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        root / "images" / "train_00000.png")
+    mask = np.array(Image.open(root / "masks" / "train_00000.png"))
+    Image.fromarray(mask.astype(np.uint16)).save(root / "masks" / "train_00000.png")  # 16-bit
+    palette_mask = Image.fromarray(mask).convert("P")
+    palette_mask.putpalette([0, 0, 0, 255, 0, 0] + [255, 255, 255] * 254)
+    palette_mask.save(root / "masks" / "train_00001.png")  # VOC-style palette mask
+    dataset = wsss.SmokeDataset(root, "train", size=None)
+    for i in (0, 1):
+        assert torch.equal(dataset[i]["mask"], reference[i]["mask"] if i else
+                           torch.from_numpy(mask).long())
+    assert (dataset[0]["rgb"].float() - reference[0]["rgb"].float()).abs().mean() < 8

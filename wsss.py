@@ -306,10 +306,15 @@ def read_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
 
 
 def load_image(path: Path) -> Image.Image:
-    """An RGB PIL image; a file that does not decode is a DataError naming it."""
+    """An RGB PIL image; a file that does not decode (truncated, empty, a link loop) is a
+    DataError naming it. Grey, palette, CMYK and alpha images are converted; 16-bit grey is
+    scaled to 8 bits (PIL's own conversion would clip it to white)."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit grey
+                grey = (np.asarray(im, dtype=np.float64) / 257).clip(0, 255).round()
+                return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
@@ -1421,9 +1426,9 @@ def find_images(paths: list[str], folder: str | None) -> list[Path]:
         root = Path(folder)
         if not root.is_dir():
             raise DataError(f"{root}: folder not found")
-        # is_file() is False for broken links and link loops: they are not images.
+        # Broken links and link loops are kept: reading them fails, and they are reported.
         files = sorted(p for p in root.iterdir()
-                       if p.suffix.lower() in PREDICT_EXTENSIONS and p.is_file())
+                       if p.suffix.lower() in PREDICT_EXTENSIONS and not p.is_dir())
     else:
         files = [Path(p) for p in paths]
     if not files:
