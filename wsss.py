@@ -22,13 +22,16 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -51,14 +54,68 @@ class DataError(Exception):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu; anything else is
+    passed to torch.device."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", torch.cuda.current_device())
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+# --- processes: one, or several started by torchrun ----------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless torchrun started this process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR): NCCL between GPUs, gloo between CPU processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def on_first_process(fn):
+    """fn() on the first process only (the one that writes files); every process gets its
+    result, or its DataError, so that no process waits for one that has failed."""
+    result, error = None, None
+    if world()[0] == 0:
+        try:
+            result = fn()
+        except DataError as e:
+            error = str(e)
+    if world()[1] > 1:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise DataError(error)
+    return result
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of a tensor each process holds (itself with one process)."""
+    if world()[1] > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world()[1]
+    return values
 
 
 # -----------------------------------------------------------------------------
@@ -692,6 +749,10 @@ def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
 # Training: building the networks, the two stages, checkpoints, resume
 
 
+class Interrupted(Exception):
+    """Ctrl-C during training, after the checkpoint was written: exit code 130."""
+
+
 class TrainingError(Exception):
     """Training cannot go on (a NaN loss, an incompatible checkpoint): one line, exit code 1."""
 
@@ -726,12 +787,14 @@ class RunConfig:
 
 
 class Log:
-    """Prints a line and appends it to RUN/log.txt."""
+    """Prints a line and appends it to RUN/log.txt (the first process only)."""
 
     def __init__(self, path: Path | None):
         self.path = path
 
     def __call__(self, line: str) -> None:
+        if world()[0] != 0:
+            return
         print(line, flush=True)
         if self.path is not None:
             with open(self.path, "a") as f:
@@ -789,11 +852,16 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, epoch: int, done: bool) -> None:
+                    optimizer: torch.optim.Optimizer | None, epoch: int, done: bool,
+                    step: int = 0) -> None:
+    """`epoch` epochs and `step` steps of the next are done; the random state is saved so
+    that a run resumed mid-epoch draws what the uninterrupted run would have drawn."""
+    if world()[0] != 0:  # one writer; every process holds the same weights
+        return
     atomic_save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
                  "model": net.state_dict(),
                  "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                 "epoch": epoch, "done": done}, path)
+                 "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "done": done}, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -806,6 +874,18 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def check_compatible(ckpt: dict, config: RunConfig, path: Path) -> None:
+    """A checkpoint resumes only the networks it was written for (the ablation shares one
+    teacher checkpoint among runs of other loss settings, so those may differ)."""
+    saved = RunConfig.from_dict(ckpt["config"])
+    for part in ("model", "segment"):
+        a, b = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(config, part))
+        changed = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
+        if changed:
+            raise TrainingError(f"{path}: written with other {part} settings ({'; '.join(changed)}); "
+                                f"resume with the settings it began with, or start a new run")
+
+
 def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
     try:
         net.load_state_dict(ckpt["model"])
@@ -815,24 +895,75 @@ def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int,
-                device: torch.device, shuffle: bool = True) -> torch.utils.data.DataLoader:
-    """The data order depends only on (seed, epoch), so a resumed run sees the same batches."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       generator=generator, num_workers=workers,
-                                       pin_memory=device.type == "cuda", drop_last=False)
+                device: torch.device, skip: int = 0) -> torch.utils.data.DataLoader:
+    """One epoch's batches of `batch_size` (the global batch), in an order that depends only
+    on (seed, epoch), so that a resumed run sees the same batches; `skip` drops the first
+    images (a run resumed mid-epoch). Under torchrun, DistributedSampler (same permutation)
+    deals each process every n-th image: together they see the single process's batches."""
+    rank, size = world()
+    if size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, size, rank, shuffle=True,
+                                                      seed=seed * 100_003)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)[skip // size:]
+    else:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        indices = torch.randperm(len(dataset), generator=generator)[skip:].tolist()
+    # Its own generator, so that making the loader draws nothing from the global random state.
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size // size, shuffle=False,
+        generator=torch.Generator().manual_seed(epoch), num_workers=workers,
+        pin_memory=device.type == "cuda", drop_last=False)
+
+
+def unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return getattr(net, "module", net)
+
+
+def distributed(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module to call in training: under torchrun, wrapped in DistributedDataParallel
+    (gradients averaged across processes during backward; BatchNorm synchronised on CUDA,
+    per process on CPU, where SyncBatchNorm does not run); else the network itself."""
+    if world()[1] == 1:
+        return net
+    if device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class StopFlag:
+    """Turns Ctrl-C (SIGINT) into a flag the training loop reads between steps, so the
+    checkpoint it writes never holds a half-done optimizer step. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.set = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def student_losses(student: models.Student, images: torch.Tensor, labels: torch.Tensor,
                    teacher_maps: torch.Tensor | None, config: LossConfig) -> dict:
     """L = L_cls + lambda L_align + mu L_cons for one batch of the student."""
-    logits, maps = student(images)
+    logits, maps = student(images)  # `student` may be wrapped for distributed training
     terms = {"cls": losses.classification_loss(logits, labels)}
     if teacher_maps is not None and config.align_weight > 0:
         terms["align"] = losses.alignment_loss(maps, teacher_maps, config.align_kind,
                                                config.align_reduce)
     if config.consistency_weight > 0:
-        p = student.backbone.patch_size
+        p = unwrap(student).backbone.patch_size
         side = max(p, round(images.shape[-1] * config.consistency_scale / p) * p)
         flip = bool(torch.rand(()) < 0.5)
         _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
@@ -856,68 +987,89 @@ def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
 def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dataset,
                 run: Path, config: RunConfig, epochs: int, device: torch.device,
                 log: Log) -> None:
-    """Generic epoch loop: `step(batch) -> {"loss": ..., other terms}`, the batch's tensors on
-    the device; trains every module in
-    `nets` with one AdamW, checkpoints RUN/<name>.pt atomically after every epoch, resumes from
-    those checkpoints, and stops on a non-finite loss with the last good checkpoint intact."""
+    """Generic epoch loop: `step(batch, nets) -> {"loss": ..., other terms}`, with the batch's
+    tensors on the device and `nets` the modules to call (wrapped under torchrun). Trains every
+    module of `nets` with one AdamW; writes RUN/<name>.pt atomically after every epoch and on
+    Ctrl-C; resumes from those checkpoints exactly, mid-epoch too; stops on a non-finite loss
+    with the last good checkpoint intact."""
     t = config.train
+    rank, size = world()
+    if t.batch_size % size:
+        raise DataError(f"--batch-size {t.batch_size} is the global batch; it must divide "
+                        f"evenly among {size} processes")
     params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    start = 0
+    start, skip, rng = 0, 0, None
     paths = {name: run / f"{name}.pt" for name in nets}
     if all(p.is_file() for p in paths.values()):
         ckpts = {name: load_checkpoint(p) for name, p in paths.items()}
         for name, net in nets.items():
+            check_compatible(ckpts[name], config, paths[name])
             restore(net, ckpts[name], paths[name])
-        start = min(c["epoch"] for c in ckpts.values())
-        optimizer_state = ckpts[next(iter(nets))]["optimizer"]
-        if start < epochs and optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
+        first = ckpts[next(iter(nets))]
+        start, skip, rng = first["epoch"], first.get("step", 0), first.get("rng")
         if start >= epochs:
             log(f"{stage}: done in an earlier run ({start} epochs)")
             return
-        log(f"{stage}: resuming after epoch {start}")
+        if first["optimizer"] is not None:
+            optimizer.load_state_dict(first["optimizer"])
+        log(f"{stage}: resuming after epoch {start}" + (f" step {skip}" if skip else ""))
+    wrapped = {name: distributed(net, device) for name, net in nets.items()}
     dtype = autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     steps_per_epoch = -(-len(dataset) // t.batch_size)
     total_steps = epochs * steps_per_epoch
-    total_images = (epochs - start) * len(dataset)
+    total_images = (epochs - start) * len(dataset) - skip * t.batch_size
     seen, began = 0, time.perf_counter()
-    for epoch in range(start, epochs):
-        torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws, resumable per epoch
-        for net in nets.values():
-            net.train()
-        sums: dict[str, float] = {}
-        loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device)
-        for i, batch in enumerate(loader, start=1):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                     if isinstance(v, torch.Tensor)}
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                terms = step(batch)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"{stage}: loss is {loss.item()} at epoch {epoch + 1} step {i}; stopped. "
-                    f"The last good checkpoint (epoch {epoch}) is intact in {run}; "
-                    f"try a lower --lr or --amp off")
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(t.lr, epoch * steps_per_epoch + i - 1,
-                                            steps_per_epoch, total_steps)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            seen += len(batch["image"])
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            if i % t.log_every == 0 or i == steps_per_epoch:
-                elapsed = time.perf_counter() - began
-                ips = seen / elapsed
-                terms_text = " ".join(f"{k} {v / i:.4f}" for k, v in sums.items())
-                log(f"{stage} epoch {epoch + 1}/{epochs} step {i}/{steps_per_epoch} "
-                    f"{terms_text} | {ips:.1f} img/s | left {(total_images - seen) / ips:.0f} s")
-        for name, net in nets.items():
-            save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
+    with StopFlag() as stop:
+        for epoch in range(start, epochs):
+            done_steps = skip if epoch == start else 0
+            if done_steps and rng is not None:
+                torch.set_rng_state(rng)  # where the interrupted run stood
+            else:
+                torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws, per epoch
+            for net in nets.values():
+                net.train()
+            sums: dict[str, float] = {}
+            loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device,
+                                 skip=done_steps * t.batch_size)
+            for i, batch in enumerate(loader, start=done_steps + 1):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+                         if isinstance(v, torch.Tensor)}
+                with torch.autocast(device.type, dtype=dtype or torch.float32,
+                                    enabled=dtype is not None):
+                    terms = step(batch, wrapped)
+                # The global batch's terms: every process sees the same (and stops together).
+                values = global_mean(torch.stack([v.detach().float() for v in terms.values()]))
+                means = dict(zip(terms, values.tolist()))
+                if not math.isfinite(means["loss"]):
+                    raise TrainingError(
+                        f"{stage}: loss is {means['loss']} at epoch {epoch + 1} step {i}; "
+                        f"stopped. The last good checkpoint (epoch {epoch}) is intact in {run}; "
+                        f"try a lower --lr or --amp off")
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(t.lr, epoch * steps_per_epoch + i - 1,
+                                                steps_per_epoch, total_steps)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(terms["loss"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                seen += len(batch["image"]) * size
+                for k, v in means.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if i % t.log_every == 0 or i == steps_per_epoch:
+                    ips = seen / (time.perf_counter() - began)
+                    terms_text = " ".join(f"{k} {v / (i - done_steps):.4f}" for k, v in sums.items())
+                    log(f"{stage} epoch {epoch + 1}/{epochs} step {i}/{steps_per_epoch} "
+                        f"{terms_text} | {ips:.1f} img/s | left {(total_images - seen) / ips:.0f} s")
+                if stop.set:
+                    for name, net in nets.items():
+                        save_checkpoint(paths[name], config, net, optimizer, epoch, False, step=i)
+                    raise Interrupted(f"{stage}: stopped by Ctrl-C at epoch {epoch + 1} step {i}; "
+                                      f"checkpoint written; `python wsss.py train --resume {run}` "
+                                      f"continues from there")
+            for name, net in nets.items():
+                save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
 
 
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
@@ -939,8 +1091,8 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
     t = config.train
 
-    def teacher_step(batch):
-        logits, _ = teacher(batch["image"])
+    def teacher_step(batch, nets):
+        logits, _ = nets["teacher"](batch["image"])
         loss = losses.classification_loss(logits, batch["label"])
         return {"loss": loss, "cls": loss}
 
@@ -949,21 +1101,21 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
                     t.teacher_epochs, device, log)
         freeze(teacher)
 
-        def student_step(batch):
+        def student_step(batch, nets):
             teacher_maps = None
             if config.loss.align_weight > 0:
-                with torch.no_grad():
+                with torch.no_grad():  # the frozen teacher: not wrapped, not trained
                     _, teacher_maps = teacher(batch["image"])
-            return student_losses(student, batch["image"], batch["label"], teacher_maps,
+            return student_losses(nets["student"], batch["image"], batch["label"], teacher_maps,
                                   config.loss)
 
         train_stage("student", {"student": student}, student_step, dataset, run, config,
                     t.student_epochs, device, log)
     elif t.mode == "co-train":
-        def joint_step(batch):
-            logits, teacher_maps = teacher(batch["image"])
+        def joint_step(batch, nets):
+            logits, teacher_maps = nets["teacher"](batch["image"])
             cls_t = losses.classification_loss(logits, batch["label"])
-            terms = student_losses(student, batch["image"], batch["label"], teacher_maps,
+            terms = student_losses(nets["student"], batch["image"], batch["label"], teacher_maps,
                                    config.loss)
             terms["loss"] = terms["loss"] + cls_t
             terms["teacher_cls"] = cls_t
@@ -1070,9 +1222,12 @@ def refine(rgb: torch.Tensor, cams: torch.Tensor, cam_config: CamConfig,
 
 def pseudo_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: RefineConfig,
                  teacher, student, device: torch.device, amp: str = "off"):
-    """Yield (batch, cams (B,K,H,W), masks (B,H,W) uint8) for every image of the split: the
-    configured CAMs, normalised and gated by the image labels, and the masks refined from them."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cam_config.cam_batch_size)
+    """Yield (batch, cams (B,K,H,W), masks (B,H,W) uint8) for every image of the split (under
+    torchrun, for this process's share): the configured CAMs, normalised and gated by the
+    image labels, and the masks refined from them."""
+    rank, size = world()
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), size))
+    loader = torch.utils.data.DataLoader(share, batch_size=cam_config.cam_batch_size)
     for batch in loader:
         cams = batch_cams(batch, cam_config, refine_config, teacher, student, device, amp)
         yield batch, cams.cpu(), refine(batch["rgb"], cams, cam_config, refine_config).cpu()
@@ -1195,6 +1350,14 @@ class Scores:
         self.boundary[2] += int(true_edge.sum())
         self.boundary[3] += int((true_edge & near(pred_edge, self.tolerance)).sum())
 
+    def merge(self, other: "Scores") -> None:
+        """Add the counts of another split's share (distributed pseudo-mask generation)."""
+        self.confusion += other.confusion
+        self.image_ious += other.image_ious
+        self.context_pixels += other.context_pixels
+        self.context_called_fg += other.context_called_fg
+        self.boundary = [a + b for a, b in zip(self.boundary, other.boundary)]
+
     def result(self) -> dict:
         c = self.confusion.double()
         tp = c.diag()
@@ -1262,9 +1425,17 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam_config: CamConfig
             if len(shown_rgb) < 16 and batch["label"][i].any():
                 shown_rgb.append(batch["rgb"][i])
                 shown_mask.append(mask)
-    if overlays is not None and shown_rgb:
+    if overlays is not None and shown_rgb and world()[0] == 0:
         overlay_grid(shown_rgb, shown_mask, overlays, len(dataset.classes))
-    return scores.result() if scores is not None else None
+    if scores is None:
+        return None
+    if world()[1] > 1:  # every process scored its share; add them up
+        shares = [None] * world()[1]
+        dist.all_gather_object(shares, scores)
+        scores = shares[0]
+        for other in shares[1:]:
+            scores.merge(other)
+    return scores.result()
 
 
 def read_run_config(run: Path) -> RunConfig:
@@ -1355,8 +1526,8 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
     stage = dataclasses.replace(config, train=dataclasses.replace(
         config.train, batch_size=seg.seg_batch_size, lr=seg.seg_lr))
 
-    def step(batch):
-        loss = losses.segmentation_loss(net(batch["image"]), batch["mask"], IGNORE)
+    def step(batch, nets):
+        loss = losses.segmentation_loss(nets[name](batch["image"]), batch["mask"], IGNORE)
         return {"loss": loss}
 
     train_stage(name, {name: net}, step, dataset, run, stage, seg.seg_epochs, device, log)
@@ -1676,12 +1847,17 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = read_run_config(run)
     else:
         config = config_from_flags(args)
-        run = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-        if not args.data:
-            ensure_default_data(DEFAULT_DATA)
-        verify_splits(Path(config.data))  # bad data stops here, before a run folder is made
-        fresh_output_dir(run, args.force)
-        (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+        def make_run_folder() -> Path:
+            run = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+            if not args.data:
+                ensure_default_data(DEFAULT_DATA)
+            verify_splits(Path(config.data))  # bad data stops here, before a run folder is made
+            fresh_output_dir(run, args.force)
+            (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            return run
+
+        run = on_first_process(make_run_folder)
     log = Log(run / "log.txt")
     log(f"run {run}: " + json.dumps(config.to_dict()))
     size = config.model.image_size
@@ -2088,15 +2264,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    distributed_run = args.command in ("train", "segment") and init_distributed()
+    code, message = 0, ""
     try:
         args.handler(args)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        code, message = 2, str(e)
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        code, message = 1, str(e)
+    except Interrupted as e:
+        code, message = 130, str(e)  # 130: the shell's code for Ctrl-C
+    if code and world()[0] == 0:
+        print(f"error: {message}", file=sys.stderr)
+    if distributed_run:
+        # gloo processes abort now and then in their exit handlers ("terminate called without
+        # an active exception") although the work is done: leave together, flush, and end
+        # the process before those handlers run.
+        if code == 0:
+            barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
