@@ -1041,3 +1041,24 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     assert len(list((ddp / "pseudo").glob("*.png"))) == 12
     scores = wsss.json.loads((ddp / "scores.json").read_text())
     assert 0 <= scores["smoke_iou"] <= 100
+
+
+def test_channels_last_training_runs(tmp_path, capsys, synth_dir):
+    code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", tmp_path / "cl",
+                             *TINY, "--channels-last")
+    assert code == 0 and "smoke IoU" in out, err
+
+
+def test_memory_estimate_counts_parameters_and_scales_with_the_batch():
+    config = wsss.RunConfig(data="", model=wsss.ModelConfig(image_size=32, teacher_width=8,
+                                                            student_depth=2),
+                            train=wsss.TrainConfig(batch_size=2), loss=wsss.LossConfig(),
+                            cam=wsss.CamConfig())
+    small = wsss.training_memory(config)
+    large = wsss.training_memory(wsss.dataclasses.replace(
+        config, train=wsss.TrainConfig(batch_size=4)))
+    teacher = wsss.build_teacher(config.model, 1)
+    assert small[0]["parameters"] == models.count_parameters(teacher)
+    assert small[0]["state"] == 16 * models.count_parameters(teacher)  # 4 float32 copies
+    for a, b in zip(small, large):
+        assert 1.95 * a["activations"] < b["activations"] <= 2 * a["activations"]  # ~linear

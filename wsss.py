@@ -187,6 +187,10 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
     device: str = field(default="auto", metadata=_help("cuda, mps, cpu or auto"))
     workers: int = field(default=0, metadata=_help("data loader worker processes"))
+    channels_last: bool = field(default=False, metadata=_help(
+        "channels-last memory format for images and ResNets: faster convolutions on CUDA"))
+    compile: bool = field(default=False, metadata=_help(
+        "torch.compile the trained networks (the first steps are slow while it compiles)"))
     log_every: int = field(default=20, metadata=_help("steps between progress lines"))
 
 
@@ -269,7 +273,8 @@ PRESETS = {
     "paper": {
         "model": dict(teacher="resnet50", teacher_width=64, output_stride=16, pcm=True,
                       student="vit_base", student_depth=12, patch_size=16, image_size=512),
-        "train": dict(teacher_epochs=3, student_epochs=3, batch_size=8, lr=1e-4),
+        "train": dict(teacher_epochs=3, student_epochs=3, batch_size=8, lr=1e-4,
+                      channels_last=True),
         "cam": dict(cam_batch_size=8),
     },
 }
@@ -1014,7 +1019,12 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
         if first["optimizer"] is not None:
             optimizer.load_state_dict(first["optimizer"])
         log(f"{stage}: resuming after epoch {start}" + (f" step {skip}" if skip else ""))
+    if t.channels_last:
+        for net in nets.values():
+            net.to(memory_format=torch.channels_last)
     wrapped = {name: distributed(net, device) for name, net in nets.items()}
+    if t.compile:
+        wrapped = {name: torch.compile(net) for name, net in wrapped.items()}
     dtype = autocast_dtype(t.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     steps_per_epoch = -(-len(dataset) // t.batch_size)
@@ -1036,6 +1046,8 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
             for i, batch in enumerate(loader, start=done_steps + 1):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
                          if isinstance(v, torch.Tensor)}
+                if t.channels_last:
+                    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=dtype or torch.float32,
                                     enabled=dtype is not None):
                     terms = step(batch, wrapped)
@@ -2140,8 +2152,105 @@ def ablation_figure(root: Path, base: RunConfig, seed: int, split: str) -> Path 
     return path
 
 
+def saved_for_backward(fn, net: torch.nn.Module) -> int:
+    """Bytes of the activations autograd saves for backward while fn() runs (the weights it
+    also saves, or views of them, are the network's own memory and not counted)."""
+    weights = {id(p) for p in net.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        if id(t) not in weights and (t._base is None or id(t._base) not in weights):
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def training_memory(config: RunConfig, num_classes: int = 1) -> list[dict]:
+    """Memory of a training step of each stage, counted on the meta device (no compute, no
+    memory used): the trained parameters four times in float32 (weights, gradients, AdamW's
+    two moments), the frozen teacher's weights, and the activations autograd saves, float32,
+    attention maps included (fused attention on a GPU saves less; bf16 autocast about half)."""
+    m, t = dataclasses.replace(config.model, teacher_weights="", student_weights=""), config.train
+    rows = []
+    with torch.device("meta"):
+        teacher, student = build_teacher(m, num_classes), build_student(m, num_classes)
+        images = torch.empty(t.batch_size, 3, m.image_size, m.image_size)
+        teacher_bytes = 4 * sum(p.numel() for p in teacher.parameters())
+        student_bytes = 4 * sum(p.numel() for p in student.parameters())
+        rows.append({"stage": "teacher", "parameters": teacher_bytes / 4,
+                     "state": 4 * teacher_bytes,
+                     "activations": saved_for_backward(lambda: teacher(images), teacher)})
+        freeze(teacher)
+        rows.append({"stage": "student", "parameters": student_bytes / 4,
+                     "state": 4 * student_bytes + teacher_bytes,
+                     "activations": saved_for_backward(lambda: student(images), student)})
+    for row in rows:
+        row["total"] = row["state"] + row["activations"]
+    return rows
+
+
+def measured_step_memory(config: RunConfig, device: torch.device, num_classes: int = 1) -> list[int]:
+    """Peak CUDA memory of one real training step of each stage (bytes), with the config's
+    autocast and memory format."""
+    m, t = dataclasses.replace(config.model, teacher_weights="", student_weights=""), config.train
+    dtype = autocast_dtype(t.amp, device)
+    teacher = build_teacher(m, num_classes).to(device)
+    student = build_student(m, num_classes).to(device)
+    images = torch.randn(t.batch_size, 3, m.image_size, m.image_size, device=device)
+    labels = torch.ones(t.batch_size, num_classes, device=device)
+    if t.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    peaks = []
+    for stage in ("teacher", "student"):
+        net = teacher if stage == "teacher" else student
+        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(2):  # the second step holds AdamW's moments too
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                if stage == "teacher":
+                    loss = losses.classification_loss(teacher(images)[0], labels)
+                else:
+                    with torch.no_grad():
+                        _, teacher_maps = teacher(images)
+                    loss = student_losses(student, images, labels, teacher_maps, config.loss)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        peaks.append(torch.cuda.max_memory_allocated(device))
+        if stage == "teacher":
+            freeze(teacher)
+    return peaks
+
+
+def bench_memory(config: RunConfig, device: torch.device) -> None:
+    gib = 2 ** 30
+    m, t = config.model, config.train
+    print(f"{m.teacher} (output stride {m.output_stride}{', PCM' if m.pcm else ''}) and "
+          f"{m.student} ({m.student_depth} blocks, patch {m.patch_size}) at {m.image_size} px, "
+          f"batch {t.batch_size}")
+    rows = training_memory(config)
+    measured = measured_step_memory(config, device) if device.type == "cuda" else None
+    for i, r in enumerate(rows):
+        line = (f"{r['stage']:8s} {r['parameters'] / 1e6:6.1f} M trained parameters | weights, "
+                f"gradients, AdamW (+ frozen teacher) {r['state'] / gib:5.2f} GiB | activations "
+                f"(float32) {r['activations'] / gib:5.2f} GiB | estimate {r['total'] / gib:5.2f} GiB")
+        if measured is not None:
+            line += f" | measured on {device}: {measured[i] / gib:5.2f} GiB"
+        print(line)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
+    if args.what == "memory":
+        preset = PRESETS[args.preset]
+        bench_memory(RunConfig(data="", **{name: cls(**preset.get(name, {}))
+                                           for name, cls in CONFIGS.items()}), device)
+        return
     if args.what == "crf":
         root = Path(args.photos)
         masks = sorted((root / "gt").glob("*.png"))[: args.n] if (root / "gt").is_dir() else []
@@ -2247,9 +2356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_eval)
 
     p = sub.add_parser("bench", help="benchmarks that print figures side by side")
-    p.add_argument("what", choices=["models", "crf"], help="models: training-step throughput, "
-                   "ours vs torchvision, float32 and bfloat16 autocast; crf: our dense CRF vs "
-                   "pydensecrf (when installed) on real photographs")
+    p.add_argument("what", choices=["models", "crf", "memory"], help="models: training-step "
+                   "throughput, ours vs torchvision, float32 and bfloat16 autocast; crf: our "
+                   "dense CRF vs pydensecrf (when installed) on real photographs; memory: a "
+                   "preset's training memory, estimated (and measured on CUDA)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="memory: the preset to size (default: paper)")
     p.add_argument("--photos", default="../shared/data/smoke5k-real/train",
                    help="crf: a SMOKE5K-style folder with img/ and gt/")
     p.add_argument("--n", type=int, default=40, help="crf: photographs to use (default: 40)")
