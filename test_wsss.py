@@ -1023,10 +1023,11 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     ddp.mkdir()
     for name in ("config.json", "teacher.pt"):
         shutil.copy(single / name, ddp / name)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", "wsss.py", "train", "--resume", str(ddp)]
-    result = subprocess.run(command, cwd=Path(wsss.__file__).parent, capture_output=True,
-                            text=True, timeout=300)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "wsss.py"]
+    result = subprocess.run([*torchrun, "train", "--resume", str(ddp)],
+                            cwd=Path(wsss.__file__).parent, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("student epoch 2/2 step 3/3") == 1  # one process logs
     a = loss_curve((single / "log.txt").read_text(), "student")
@@ -1041,6 +1042,14 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     assert len(list((ddp / "pseudo").glob("*.png"))) == 12
     scores = wsss.json.loads((ddp / "scores.json").read_text())
     assert 0 <= scores["smoke_iou"] <= 100
+    # Stage 3 under torchrun too: one checkpoint, one validation score.
+    # --run-dir: torchrun would read --run as an abbreviation of its own --run-path.
+    result = subprocess.run([*torchrun, "segment", "--run-dir", str(ddp), "--seg-epochs", "1",
+                             "--seg-batch-size", "4"], cwd=Path(wsss.__file__).parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert wsss.load_checkpoint(ddp / "segment.pt")["done"]
+    assert result.stdout.count("stage 3 (pseudo) on val") == 1
 
 
 def test_channels_last_training_runs(tmp_path, capsys, synth_dir):

@@ -1884,7 +1884,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     log(f"pseudo masks: {run / 'pseudo'} ({len(plain)} PNGs), overlays: {run / 'overlays.png'}")
     if scores is not None:
         log(format_scores(f"pseudo masks vs ground truth ({config.cam.cam_network} CAM)", scores))
-        (run / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        if world()[0] == 0:
+            (run / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     log(f"wall time {time.perf_counter() - began:.0f} s, peak memory {peak_memory_mb():.0f} MB")
 
 
@@ -2036,19 +2037,24 @@ def cmd_segment(args: argparse.Namespace) -> None:
     seg = config_from_args(SegmentConfig, args, config.segment)
     name = SEGMENT_CHECKPOINTS.get(seg.seg_targets, "segment")
     path = run / f"{name}.pt"
-    if path.is_file() and args.force:
-        path.unlink()
-    elif path.is_file():
-        ckpt = load_checkpoint(path)
-        if ckpt["done"]:
-            raise DataError(f"{path}: already trained (use --force to train it again)")
-        seg = RunConfig.from_dict(ckpt["config"]).segment  # resume with the settings it began with
-    config = dataclasses.replace(config, segment=seg)
+
+    def settings() -> SegmentConfig:
+        if path.is_file() and args.force:
+            path.unlink()
+        elif path.is_file():
+            ckpt = load_checkpoint(path)
+            if ckpt["done"]:
+                raise DataError(f"{path}: already trained (use --force to train it again)")
+            return RunConfig.from_dict(ckpt["config"]).segment  # resume as it began
+        return seg
+
+    config = dataclasses.replace(config, segment=on_first_process(settings))
+    seg = config.segment
     device = pick_device(args.device or config.train.device)
     log = Log(run / "log.txt")
     log(f"segment {run}: " + json.dumps(dataclasses.asdict(seg)))
     net = train_segmenter(run, config, device, log)
-    if (Path(config.data) / "val.txt").is_file():
+    if (Path(config.data) / "val.txt").is_file() and world()[0] == 0:
         out = run / f"{name}_val"
         fresh_output_dir(out, force=True)  # derived from the checkpoint: always rewritten
         scores = segment_split(net, config, "val", out, device)
@@ -2300,14 +2306,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("segment", help="stage 3: a segmentation network on a run's pseudo masks")
-    p.add_argument("--run", required=True, help="run folder written by `train`")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder written by `train` (--run-dir under torchrun, which reads "
+                        "--run as its own --run-path)")
     p.add_argument("--force", action="store_true", help="train again over a finished network")
     p.add_argument("--device", help="cuda, mps, cpu or auto (default: the run's)")
     add_config_flags(p.add_argument_group("segment settings (default: the run's)"), SegmentConfig)
     p.set_defaults(handler=cmd_segment)
 
     p = sub.add_parser("predict", help="masks and overlays for any images")
-    p.add_argument("--run", required=True, help="run folder: its stage-3 network when it has "
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder: its stage-3 network when it has "
                    "one, else its CAMs + refinement")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--input", help="a folder of images (instead of naming files)")
@@ -2318,7 +2327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("pseudo", help="pseudo masks (and overlays) from a trained run")
-    p.add_argument("--run", required=True, help="run folder written by `train`")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="run folder written by `train` (--run-dir under torchrun, which reads "
+                        "--run as its own --run-path)")
     p.add_argument("--data", help="dataset folder (default: the run's)")
     p.add_argument("--split", default="train", help="split to label (default: train)")
     p.add_argument("--out", help="folder for the masks (default: RUN/pseudo_<split>)")
