@@ -2,8 +2,9 @@
 
 Everything that touches the outside world lives here (argv, files, datasets, training loops,
 checkpoints, logs); models.py, losses.py and postprocess.py are pure libraries.
-Sections, top to bottom: config dataclasses -> data -> pretrained weights -> training -> CAMs
--> evaluation -> ablation -> benchmarks -> commands -> __main__.
+Sections, top to bottom: processes -> config dataclasses -> data -> pretrained weights ->
+training -> CAMs -> evaluation -> stage 3 and prediction -> ablation -> benchmarks -> commands
+-> __main__.
 
     python wsss.py synth --out data/synth      # an industrial-smoke dataset, generated
     python wsss.py prepare smoke5k SRC DST     # SMOKE5K photographs -> the folder format
@@ -11,6 +12,9 @@ Sections, top to bottom: config dataclasses -> data -> pretrained weights -> tra
     python wsss.py pseudo --run RUN --crf      # pseudo masks from a trained run
     python wsss.py eval --data DIR --pred DIR  # scores against ground truth
     python wsss.py ablate --quick              # the paper's comparisons
+    python wsss.py segment --run RUN           # stage 3: a segmentation network on pseudo masks
+    python wsss.py predict --run RUN --input D # masks and overlays for any images
+    torchrun --nproc_per_node N wsss.py train  # the same, on N processes
     python wsss.py bench models|crf            # speed and fidelity against references
 """
 
@@ -899,21 +903,39 @@ def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
         raise TrainingError(f"{path}: does not fit the configured network ({first[1].strip() if len(first) > 1 else first[0]})") from None
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of n images for one epoch, a function of (seed, epoch) alone: the order
+    DataLoader(shuffle=True, generator=g) gives, which draws its workers' base seed from g
+    before the permutation."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base-seed draw
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class DealingSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler dealing out epoch_order's permutation (padded to a multiple of the
+    processes, as DistributedSampler pads): process r takes images r, r + N, r + 2N, ..., so
+    the N processes' batches together are the single process's batches."""
+
+    def __iter__(self):
+        order = epoch_order(len(self.dataset), self.seed, self.epoch)
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
+
+
 def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int,
                 device: torch.device, skip: int = 0) -> torch.utils.data.DataLoader:
     """One epoch's batches of `batch_size` (the global batch), in an order that depends only
     on (seed, epoch), so that a resumed run sees the same batches; `skip` drops the first
-    images (a run resumed mid-epoch). Under torchrun, DistributedSampler (same permutation)
-    deals each process every n-th image: together they see the single process's batches."""
+    images (a run resumed mid-epoch). Under torchrun each process takes its share of the
+    same order (DealingSampler); together they see the single process's batches."""
     rank, size = world()
     if size > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, size, rank, shuffle=True,
-                                                      seed=seed * 100_003)
+        sampler = DealingSampler(dataset, size, rank, shuffle=True, seed=seed)
         sampler.set_epoch(epoch)
         indices = list(sampler)[skip // size:]
     else:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        indices = torch.randperm(len(dataset), generator=generator)[skip:].tolist()
+        indices = epoch_order(len(dataset), seed, epoch)[skip:]
     # Its own generator, so that making the loader draws nothing from the global random state.
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size // size, shuffle=False,
