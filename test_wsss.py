@@ -800,6 +800,7 @@ def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir
     assert code == 0, err
     table = (out / "ablation.md").read_text()
     assert "teacher CAM (ResNet)" in table and "+ dense CRF" in table and " ± " in table
+    assert "(val split, 2 seeds)" in table  # --quick scores the validation split
     assert (out / "figure.png").is_file()
     runs = sorted(p.name for p in out.iterdir() if p.name.endswith(("seed0", "seed1")))
     assert runs == ["align_weight=0.0_seed0", "align_weight=0.0_seed1", "default_seed0",
