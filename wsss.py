@@ -2296,6 +2296,13 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench_models(device, args.batch, args.size, args.steps)
 
 
+def add_run_flag(parser: argparse.ArgumentParser, text: str) -> None:
+    """--run RUN, also spelled --run-dir: torchrun reads a --run after the script as an
+    abbreviation of its own --run-path."""
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help=f"{text} (--run-dir: the same, for use under torchrun)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsss.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2329,18 +2336,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("segment", help="stage 3: a segmentation network on a run's pseudo masks")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder written by `train` (--run-dir under torchrun, which reads "
-                        "--run as its own --run-path)")
+    add_run_flag(p, "run folder written by `train`")
     p.add_argument("--force", action="store_true", help="train again over a finished network")
     p.add_argument("--device", help="cuda, mps, cpu or auto (default: the run's)")
     add_config_flags(p.add_argument_group("segment settings (default: the run's)"), SegmentConfig)
     p.set_defaults(handler=cmd_segment)
 
     p = sub.add_parser("predict", help="masks and overlays for any images")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder: its stage-3 network when it has "
-                   "one, else its CAMs + refinement")
+    add_run_flag(p, "run folder: its stage-3 network when it has one, else its CAMs + refinement")
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--input", help="a folder of images (instead of naming files)")
     p.add_argument("--out", help="folder for <stem>.png masks and overlays/ (default: RUN/predict)")
@@ -2350,9 +2353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("pseudo", help="pseudo masks (and overlays) from a trained run")
-    p.add_argument("--run", "--run-dir", dest="run", required=True,
-                   help="run folder written by `train` (--run-dir under torchrun, which reads "
-                        "--run as its own --run-path)")
+    add_run_flag(p, "run folder written by `train`")
     p.add_argument("--data", help="dataset folder (default: the run's)")
     p.add_argument("--split", default="train", help="split to label (default: train)")
     p.add_argument("--out", help="folder for the masks (default: RUN/pseudo_<split>)")
