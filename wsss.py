@@ -173,6 +173,11 @@ class ModelConfig:
     student_weights: str = field(default="", metadata=_help(
         "local file of pretrained student backbone weights (timm or torchvision names)"))
 
+    def architecture(self) -> "ModelConfig":
+        """These networks without pretrained-weight files: for building networks whose
+        weights come from a checkpoint (or are only counted)."""
+        return dataclasses.replace(self, teacher_weights="", student_weights="")
+
 
 @dataclass
 class TrainConfig:
@@ -1489,8 +1494,7 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
         if not path.is_file():
             raise DataError(f"{path}: not found; `python wsss.py train --resume {run}` "
                             f"finishes the run")
-        net = build(dataclasses.replace(config.model, teacher_weights="", student_weights=""),
-                    num_classes)
+        net = build(config.model.architecture(), num_classes)
         restore(net, load_checkpoint(path), path)
         nets.append(freeze(net.to(device)))
     return config, nets[0], nets[1]
@@ -1547,7 +1551,7 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
     if not dataset.has_masks:
         raise DataError(f"{Path(config.data) / 'masks'}: no ground-truth masks to train on")
     torch.manual_seed(config.train.seed)
-    model = dataclasses.replace(config.model, teacher_weights="", student_weights="")
+    model = config.model.architecture()
     net = build_segmenter(model, seg, len(dataset.classes))
     if seg.seg_init == "run":
         init_from_run(net, run, seg)
@@ -1575,7 +1579,7 @@ def load_segmenter(run: Path, config: RunConfig, device: torch.device,
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
-    model = dataclasses.replace(config.model, teacher_weights="", student_weights="")
+    model = config.model.architecture()
     seg = RunConfig.from_dict(ckpt["config"]).segment
     net = build_segmenter(model, seg, len(read_classes(Path(config.data))))
     restore(net, ckpt, path)
@@ -2203,7 +2207,7 @@ def training_memory(config: RunConfig, num_classes: int = 1) -> list[dict]:
     memory used): the trained parameters four times in float32 (weights, gradients, AdamW's
     two moments), the frozen teacher's weights, and the activations autograd saves, float32,
     attention maps included (fused attention on a GPU saves less; bf16 autocast about half)."""
-    m, t = dataclasses.replace(config.model, teacher_weights="", student_weights=""), config.train
+    m, t = config.model.architecture(), config.train
     rows = []
     with torch.device("meta"):
         teacher, student = build_teacher(m, num_classes), build_student(m, num_classes)
@@ -2225,7 +2229,7 @@ def training_memory(config: RunConfig, num_classes: int = 1) -> list[dict]:
 def measured_step_memory(config: RunConfig, device: torch.device, num_classes: int = 1) -> list[int]:
     """Peak CUDA memory of one real training step of each stage (bytes), with the config's
     autocast and memory format."""
-    m, t = dataclasses.replace(config.model, teacher_weights="", student_weights=""), config.train
+    m, t = config.model.architecture(), config.train
     dtype = autocast_dtype(t.amp, device)
     teacher = build_teacher(m, num_classes).to(device)
     student = build_student(m, num_classes).to(device)
