@@ -455,6 +455,20 @@ def test_cosine_reduce_modes_differ_as_documented():
     assert losses.alignment_loss(s, per_location, "cosine", "channel") > 1e-3
 
 
+def test_one_channel_maps_make_channel_cosine_global_and_spatial_cosine_inert():
+    # Why the ablation shares runs when the data has one class (wsss.training_overrides).
+    torch.manual_seed(0)
+    s = torch.randn(3, 1, 4, 4, requires_grad=True)
+    t = torch.randn(3, 1, 4, 4)
+    assert torch.equal(losses.alignment_loss(s, t, "cosine", "channel"),
+                       losses.alignment_loss(s, t, "cosine", "global"))
+    losses.alignment_loss(s, t, "cosine", "spatial").backward()
+    assert s.grad.abs().max() < 1e-6  # the cosine of two numbers is +-1: rounding noise only
+    assert wsss.training_overrides("channel", 1) == {}
+    assert wsss.training_overrides("spatial", 1) == {"align_weight": 0.0}
+    assert wsss.training_overrides("spatial", 2) == {"align_reduce": "spatial"}
+
+
 def test_l1_l2_alignment_values_and_teacher_resizing():
     s = torch.zeros(1, 1, 2, 2)
     t = torch.full((1, 1, 8, 8), 2.0)  # a constant teacher map on a finer grid
@@ -796,7 +810,7 @@ def test_eval_command(tmp_path, capsys, synth_dir):
 def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir):
     out = tmp_path / "ablation"
     args = ["ablate", "--data", synth_dir, "--out", out, "--quick", "--seeds", 0, 1, *TINY]
-    code, stdout, err = run_cli(capsys, *args)
+    code, stdout, err = run_cli(capsys, *args, "--jobs", 2)
     assert code == 0, err
     table = (out / "ablation.md").read_text()
     assert "teacher CAM (ResNet)" in table and "+ dense CRF" in table and " ± " in table
@@ -809,9 +823,23 @@ def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir
     a = wsss.load_checkpoint(out / "default_seed0" / "teacher.pt")["model"]
     b = wsss.load_checkpoint(out / "align_weight=0.0_seed0" / "teacher.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "[8/8]" in stdout  # 4 runs trained, 4 scored, by two processes
     # A second call trains nothing: finished runs are reused.
     code, stdout, _ = run_cli(capsys, *args)
-    assert code == 0 and "epoch" not in stdout
+    assert code == 0 and "epoch 1/" not in stdout
+
+
+def test_ablation_rows_sharing_a_cam_pass_score_as_pseudo_does(tiny_run, tmp_path, capsys):
+    # score_rows computes the multi-scale CAMs once for rows that differ only after them
+    # (CRF, coverage fix); each row must still score exactly as `pseudo` with its flags.
+    base = wsss.read_run_config(tiny_run)
+    shared = wsss.score_rows(tiny_run, base, ["aligned", "crf", "fill", "teacher"], "val")
+    for name, flags in (("aligned", []), ("crf", ["--crf"]), ("fill", ["--fill"]),
+                        ("teacher", ["--cam-network", "teacher"])):
+        code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val",
+                                    "--out", tmp_path / name, "--json", *flags)
+        assert code == 0, err
+        assert wsss.json.loads(stdout.strip().splitlines()[-1]) == shared[name], name
 
 
 def test_eval_sweep_from_saved_cams(tiny_run, tmp_path, capsys, synth_dir):

@@ -1275,13 +1275,26 @@ def pseudo_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: 
 def batch_cams(batch: dict, cam_config: CamConfig, refine_config: RefineConfig, teacher,
                student, device: torch.device, amp: str = "off") -> torch.Tensor:
     """Normalised CAMs (B,K,H,W) of a batch: multi-scale, coverage fix, gated by labels."""
+    cams = raw_batch_cams(batch, cam_config, teacher, student, device, amp)
+    return finish_cams(cams, batch, refine_config, student, device)
+
+
+def raw_batch_cams(batch: dict, cam_config: CamConfig, teacher, student, device: torch.device,
+                   amp: str = "off") -> torch.Tensor:
+    """The multi-scale CAMs (B,K,H,W) of a batch, before the coverage fix and normalisation."""
     fn, multiple = cam_function(cam_config, teacher, student)
     dtype = autocast_dtype(amp, device)
     images = batch["image"].to(device)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        cams = multiscale_cam(fn, images, cam_config.cam_scales, cam_config.cam_flip, multiple)
+        return multiscale_cam(fn, images, cam_config.cam_scales, cam_config.cam_flip, multiple)
+
+
+def finish_cams(cams: torch.Tensor, batch: dict, refine_config: RefineConfig, student,
+                device: torch.device) -> torch.Tensor:
+    """Multi-scale CAMs (B,K,H,W) -> the coverage fix when configured -> normalised CAMs,
+    zero for the classes an image's label lacks."""
     if refine_config.fill:
-        cams = fill_coverage(student, images, cams, refine_config)
+        cams = fill_coverage(student, batch["image"].to(device), cams, refine_config)
     return postprocess.normalize_cams(cams, batch["label"].to(device))
 
 
@@ -1726,6 +1739,23 @@ ABLATION_ROWS = {
     "crf+fill": ("+ dense CRF + coverage fix", {}, {"crf": True, "fill": True}),
 }
 QUICK_ROWS = ("teacher", "alone", "aligned", "crf")
+# The full grid's student budget (the default run and --quick: 8 epochs), so that its student
+# trainings and CAM passes over 3 seeds fit in an hour on 2 CPU cores.
+ABLATION_STUDENT_EPOCHS = 4
+
+
+def training_overrides(name: str, num_classes: int) -> dict:
+    """A row's training overrides. With one class the maps have one channel: the per-channel
+    cosine is then the global cosine itself, and the per-location cosine compares single
+    numbers (always +-1: its gradient is rounding noise), so those rows share the global and
+    the lambda = 0 runs instead of training them again. (The paper's maps also have a
+    background channel.)"""
+    overrides = ABLATION_ROWS[name][1]
+    if num_classes == 1 and overrides == {"align_reduce": "channel"}:
+        return {}
+    if num_classes == 1 and overrides == {"align_reduce": "spatial"}:
+        return {"align_weight": 0.0}
+    return overrides
 
 
 def run_name(overrides: dict, seed: int) -> str:
@@ -1756,26 +1786,108 @@ def ablation_run(root: Path, base: RunConfig, overrides: dict, seed: int) -> Pat
     return run
 
 
-def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split: str) -> dict:
-    """Pseudo-mask scores of every row and seed on `split`, trained as needed."""
-    results = {}
+def score_rows(run: Path, base: RunConfig, names: list[str], split: str) -> dict:
+    """Pseudo-mask scores on `split` of the rows `names`, which share the trained `run`.
+    Rows that differ only after the CAMs (CRF, coverage fix) share one multi-scale pass."""
     device = pick_device(base.train.device)
+    config, teacher, student = load_run(run, device)
     dataset = SmokeDataset(base.data, split, size=base.model.image_size)
+    settings = {}
+    for name in names:
+        overrides = argparse.Namespace(**ABLATION_ROWS[name][2])
+        settings[name] = (config_from_args(CamConfig, overrides, base.cam),
+                          config_from_args(RefineConfig, overrides, base.refine))
+    scores = {name: Scores(len(dataset.classes)) for name in names}
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=base.cam.cam_batch_size):
+        raw = {}
+        for name, (cam, refine_config) in settings.items():
+            key = (cam.cam_network, cam.cam_method, cam.cam_scales, cam.cam_flip)
+            if key not in raw:
+                raw[key] = raw_batch_cams(batch, cam, teacher, student, device, config.train.amp)
+            cams = finish_cams(raw[key], batch, refine_config, student, device)
+            masks = refine(batch["rgb"], cams, cam, refine_config).cpu()
+            for i, mask in enumerate(masks):
+                scores[name].add(mask, batch["mask"][i],
+                                 batch["context"][i] if "context" in batch else None)
+    return {name: s.result() for name, s in scores.items()}
+
+
+def _quiet_worker(threads: int) -> None:
+    """A task process: its share of the cores; progress goes to the runs' log files."""
+    torch.set_num_threads(threads)
+    sys.stdout = open(os.devnull, "w")
+
+
+def run_tasks(tasks: list[tuple], jobs: int) -> list:
+    """Run tasks (description, function, args, indices of the tasks it needs first), at most
+    `jobs` at a time in processes that split the cores; their results, in order. One job runs
+    them here, in order (a task is listed after the tasks it needs)."""
+    results, began = {}, time.perf_counter()
+
+    def finished(i: int, result) -> None:
+        results[i] = result
+        print(f"[{len(results)}/{len(tasks)}] {tasks[i][0]} ({time.perf_counter() - began:.0f} s)",
+              flush=True)
+
+    if jobs == 1:
+        for i, (_, fn, args, _) in enumerate(tasks):
+            finished(i, fn(*args))
+        return [results[i] for i in range(len(tasks))]
+    import concurrent.futures as cf
+    import multiprocessing
+    threads = max(1, torch.get_num_threads() // jobs)
+    pending, running = dict(enumerate(tasks)), {}
+    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_quiet_worker, initargs=(threads,)) as pool:
+        while pending or running:
+            for i, (_, fn, args, needs) in list(pending.items()):
+                if len(running) < jobs and all(n in results for n in needs):
+                    running[pool.submit(fn, *args)] = i
+                    del pending[i]
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                finished(running.pop(future), future.result())
+    return [results[i] for i in range(len(tasks))]
+
+
+def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split: str,
+           jobs: int = 1) -> dict:
+    """Pseudo-mask scores on `split` (label -> one result per seed) of every row: each distinct
+    training setting trained once per seed, then scored, on `jobs` processes."""
+    num_classes = len(read_classes(Path(base.data)))
+    runs = {}  # (run name, seed) -> (training overrides, rows scored on that run)
+    for seed in seeds:
+        for name in rows:
+            overrides = training_overrides(name, num_classes)
+            runs.setdefault((run_name(overrides, seed), seed), (overrides, []))[1].append(name)
+    # Runs that need no other run first (each seed's default run, whose teacher the other
+    # distilled runs copy, and co-training) start first; each run's scoring follows it.
+    def independent(key):
+        overrides = runs[key][0]
+        return not overrides or overrides.get("mode") == "co-train" or \
+            (run_name({}, key[1]), key[1]) not in runs
+    order = sorted(runs, key=lambda key: not independent(key))
+    tasks, trained = [], {}
+    for key in order:
+        overrides, _ = runs[key]
+        needs = [] if independent(key) else [trained[(run_name({}, key[1]), key[1])]]
+        trained[key] = len(tasks)
+        tasks.append((f"trained {key[0]}", ablation_run, (root, base, overrides, key[1]), needs))
+    scored = {}
+    for key in order:
+        scored[key] = len(tasks)
+        tasks.append((f"scored {key[0]} on {split}", score_rows,
+                      (root / key[0], base, runs[key][1], split), [trained[key]]))
+    results = run_tasks(tasks, jobs)
+    table = {}
     for name in rows:
-        label, train_overrides, cam_overrides = ABLATION_ROWS[name]
+        label = ABLATION_ROWS[name][0]
         for seed in seeds:
-            run = ablation_run(root, base, train_overrides, seed)
-            config, teacher, student = load_run(run, device)
-            # CAM and refinement settings are the command's (they need no training).
-            cam = config_from_args(CamConfig, argparse.Namespace(**cam_overrides), base.cam)
-            refine_config = config_from_args(RefineConfig, argparse.Namespace(**cam_overrides),
-                                             base.refine)
-            scores = write_pseudo_masks(dataset, root / "masks" / f"{len(results)}_{seed}", cam,
-                                        refine_config, teacher, student, device,
-                                        config.train.amp, None)
-            results.setdefault(label, []).append(scores)
+            key = (run_name(training_overrides(name, num_classes), seed), seed)
+            scores = results[scored[key]][name]
+            table.setdefault(label, []).append(scores)
             print(format_scores(f"{label} (seed {seed})", scores), flush=True)
-    return results
+    return table
 
 
 def ablation_table(results: dict, split: str) -> str:
@@ -2140,18 +2252,24 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     if not args.data:
         ensure_default_data(DEFAULT_DATA)
     base = config_from_flags(args)
+    if args.student_epochs is None and not args.quick:
+        base.train.student_epochs = min(base.train.student_epochs, ABLATION_STUDENT_EPOCHS)
     verify_splits(Path(base.data))
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     rows = args.rows or list(QUICK_ROWS if args.quick else ABLATION_ROWS)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    split = args.split or ("val" if args.quick else "train")
-    results = ablate(root, base, rows, seeds, split)
-    table = ablation_table(results, split)
+    jobs = args.jobs or (min(2, os.cpu_count() or 1) if not args.quick and
+                         pick_device(base.train.device).type == "cpu" else 1)
+    print(f"ablate: rows {' '.join(rows)}; seeds {' '.join(map(str, seeds))}; scored on "
+          f"{args.split}; {jobs} job{'s' if jobs > 1 else ''}; " + json.dumps(base.to_dict()),
+          flush=True)
+    results = ablate(root, base, rows, seeds, args.split, jobs)
+    table = ablation_table(results, args.split)
     (root / "ablation.md").write_text(table)
     (root / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
-    figure = ablation_figure(root, base, seeds[0], split)
+    figure = ablation_figure(root, base, seeds[0], args.split)
     print(f"wrote {root / 'ablation.md'}{', ' + str(figure) if figure else ''} in "
           f"{time.perf_counter() - began:.0f} s")
 
@@ -2370,18 +2488,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p.add_argument_group("refine settings (default: the run's)"), RefineConfig)
     p.set_defaults(handler=cmd_pseudo)
 
-    p = sub.add_parser("ablate", help="the paper's comparisons, mean ± std over seeds")
+    p = sub.add_parser("ablate", help="the paper's comparisons, mean ± std over seeds",
+                       description=(
+        f"Trains each distinct setting once per seed (students for {ABLATION_STUDENT_EPOCHS} "
+        "epochs unless --quick or --student-epochs), scores every row's pseudo masks, "
+        "writes OUT/ablation.md, ablation.json and figure.png."))
     p.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA})")
     p.add_argument("--out", default="runs/ablation", help="folder of the runs and the table "
                    "(finished runs in it are reused; default: runs/ablation)")
     p.add_argument("--quick", action="store_true", help="the four headline rows, one seed, "
-                   "scored on the validation split")
+                   "students at the default run's budget, one job")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; quick: 0)")
     p.add_argument("--rows", nargs="+", choices=list(ABLATION_ROWS), metavar="ROW",
                    help="rows to run (default: all; quick: " + " ".join(QUICK_ROWS) + "); "
                         "one of " + ", ".join(ABLATION_ROWS))
-    p.add_argument("--split", help="split whose pseudo masks are scored (default: train; "
-                   "quick: val, 200 images, so that the CAMs take minutes)")
+    p.add_argument("--split", default="val", help="split whose pseudo masks are scored "
+                   "(default: val: held out, and its chimneys appear without smoke more often)")
+    p.add_argument("--jobs", type=int, help="runs trained and scored side by side, each on "
+                   "its share of the cores; the numbers then differ from one job's in the last "
+                   "digits (default: 2 on a CPU with 2 or more cores, 1 for --quick)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="as for train")
     for name, cls in CONFIGS.items():
         add_config_flags(p.add_argument_group(f"{name} settings"), cls)
