@@ -1744,18 +1744,20 @@ QUICK_ROWS = ("teacher", "alone", "aligned", "crf")
 ABLATION_STUDENT_EPOCHS = 4
 
 
+# With one class the maps have one channel: the per-channel cosine is then the global cosine
+# itself, and the per-location cosine compares single numbers (always +-1: its gradient is
+# rounding noise). Those rows share a run instead of training the same network again.
+# row -> (the row whose run it shares, the note its label gets). The paper's maps also have a
+# background channel.
+ONE_CHANNEL_SHARES = {"channel": ("aligned", "one channel: = global"),
+                      "spatial": ("alone", "one channel: no gradient, = λ = 0")}
+
+
 def training_overrides(name: str, num_classes: int) -> dict:
-    """A row's training overrides. With one class the maps have one channel: the per-channel
-    cosine is then the global cosine itself, and the per-location cosine compares single
-    numbers (always +-1: its gradient is rounding noise), so those rows share the global and
-    the lambda = 0 runs instead of training them again. (The paper's maps also have a
-    background channel.)"""
-    overrides = ABLATION_ROWS[name][1]
-    if num_classes == 1 and overrides == {"align_reduce": "channel"}:
-        return {}
-    if num_classes == 1 and overrides == {"align_reduce": "spatial"}:
-        return {"align_weight": 0.0}
-    return overrides
+    """A row's training overrides, those of the row whose run it shares when it has to."""
+    if num_classes == 1 and name in ONE_CHANNEL_SHARES:
+        name = ONE_CHANNEL_SHARES[name][0]
+    return ABLATION_ROWS[name][1]
 
 
 def run_name(overrides: dict, seed: int) -> str:
@@ -1882,6 +1884,8 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
     table = {}
     for name in rows:
         label = ABLATION_ROWS[name][0]
+        if num_classes == 1 and name in ONE_CHANNEL_SHARES:
+            label += f" ({ONE_CHANNEL_SHARES[name][1]})"
         for seed in seeds:
             key = (run_name(training_overrides(name, num_classes), seed), seed)
             scores = results[scored[key]][name]
