@@ -2509,8 +2509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", help="split whose pseudo masks are scored "
                    "(default: val: held out, and its chimneys appear without smoke more often)")
     p.add_argument("--jobs", type=int, help="runs trained and scored side by side, each on "
-                   "its share of the cores; the numbers then differ from one job's in the last "
-                   "digits (default: 2 on a CPU with 2 or more cores, 1 for --quick)")
+                   "its share of the cores; fewer threads round differently, so the trained "
+                   "networks differ from one job's (default: 2 on a CPU with 2 or more cores, "
+                   "1 for --quick)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="as for train")
     for name, cls in CONFIGS.items():
         add_config_flags(p.add_argument_group(f"{name} settings"), cls)
