@@ -1857,22 +1857,27 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
     """Pseudo-mask scores on `split` (label -> one result per seed) of every row: each distinct
     training setting trained once per seed, then scored, on `jobs` processes."""
     num_classes = len(read_classes(Path(base.data)))
-    runs = {}  # (run name, seed) -> (training overrides, rows scored on that run)
+    runs = {}  # run key (name, seed) -> (training overrides, rows scored on that run)
+    row_run = {}  # (row, seed) -> run key
     for seed in seeds:
         for name in rows:
             overrides = training_overrides(name, num_classes)
-            runs.setdefault((run_name(overrides, seed), seed), (overrides, []))[1].append(name)
-    # Runs that need no other run first (each seed's default run, whose teacher the other
-    # distilled runs copy, and co-training) start first; each run's scoring follows it.
-    def independent(key):
+            key = row_run[name, seed] = (run_name(overrides, seed), seed)
+            runs.setdefault(key, (overrides, []))[1].append(name)
+
+    def default(key: tuple) -> tuple:  # the run of the same seed whose teacher the others copy
+        return (run_name({}, key[1]), key[1])
+
+    def independent(key: tuple) -> bool:
         overrides = runs[key][0]
-        return not overrides or overrides.get("mode") == "co-train" or \
-            (run_name({}, key[1]), key[1]) not in runs
+        return not overrides or overrides.get("mode") == "co-train" or default(key) not in runs
+
+    # Runs that need no other run first start first; each run's scoring follows it.
     order = sorted(runs, key=lambda key: not independent(key))
     tasks, trained = [], {}
     for key in order:
         overrides, _ = runs[key]
-        needs = [] if independent(key) else [trained[(run_name({}, key[1]), key[1])]]
+        needs = [] if independent(key) else [trained[default(key)]]
         trained[key] = len(tasks)
         tasks.append((f"trained {key[0]}", ablation_run, (root, base, overrides, key[1]), needs))
     scored = {}
@@ -1887,8 +1892,7 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
         if num_classes == 1 and name in ONE_CHANNEL_SHARES:
             label += f" ({ONE_CHANNEL_SHARES[name][1]})"
         for seed in seeds:
-            key = (run_name(training_overrides(name, num_classes), seed), seed)
-            scores = results[scored[key]][name]
+            scores = results[scored[row_run[name, seed]]][name]
             table.setdefault(label, []).append(scores)
             print(format_scores(f"{label} (seed {seed})", scores), flush=True)
     return table
