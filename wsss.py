@@ -1402,6 +1402,11 @@ class Scores:
         self.boundary[2] += int(true_edge.sum())
         self.boundary[3] += int((true_edge & near(pred_edge, self.tolerance)).sum())
 
+    def add_batch(self, masks: torch.Tensor, batch: dict) -> None:
+        """Masks (B, H, W) against a dataset batch's "mask" (and "context" when it has one)."""
+        for i, mask in enumerate(masks):
+            self.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch else None)
+
     def merge(self, other: "Scores") -> None:
         """Add the counts of another split's share (distributed pseudo-mask generation)."""
         self.confusion += other.confusion
@@ -1471,12 +1476,11 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam_config: CamConfig
             save_mask(resize_mask(mask, tuple(batch["size"][i].tolist())), out / f"{stem}.png")
             if save_cams:
                 np.save(out / "cams" / f"{stem}.npy", cams[i].numpy().astype(np.float16))
-            if scores is not None:
-                scores.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
-                           else None)
             if len(shown_rgb) < 16 and batch["label"][i].any():
                 shown_rgb.append(batch["rgb"][i])
                 shown_mask.append(mask)
+        if scores is not None:
+            scores.add_batch(masks, batch)
     if overlays is not None and shown_rgb and world()[0] == 0:
         overlay_grid(shown_rgb, shown_mask, overlays, len(dataset.classes))
     if scores is None:
@@ -1807,10 +1811,7 @@ def score_rows(run: Path, base: RunConfig, names: list[str], split: str) -> dict
             if key not in raw:
                 raw[key] = raw_batch_cams(batch, cam, teacher, student, device, config.train.amp)
             cams = finish_cams(raw[key], batch, refine_config, student, device)
-            masks = refine(batch["rgb"], cams, cam, refine_config).cpu()
-            for i, mask in enumerate(masks):
-                scores[name].add(mask, batch["mask"][i],
-                                 batch["context"][i] if "context" in batch else None)
+            scores[name].add_batch(refine(batch["rgb"], cams, cam, refine_config).cpu(), batch)
     return {name: s.result() for name, s in scores.items()}
 
 
