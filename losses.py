@@ -58,6 +58,29 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
     return (1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean()
 
 
+ALIGN_TARGETS = ("raw", "pair")
+
+
+def alignment_target(teacher_map: torch.Tensor, labels: torch.Tensor, target: str = "raw"
+                     ) -> torch.Tensor:
+    """What the student's map is pulled toward. teacher_map: (B, K, H, W); labels: (B, K).
+
+    target="raw": T itself, (B, K, H, W) raw class maps (the paper's code); the student's
+      class channels are compared with it.
+    target="pair": (B, 1+K, H, W) = (1 - max_k t_k, t_1..t_K) with t = n(T) * y, n = ReLU +
+      per-map max normalisation, y the image label: a normalised (background, foreground) pair,
+      gated by the label, so a smoke-free image asks for all background, and its shape is
+      carried by the background channel instead of an all-negative map.
+    """
+    if target not in ALIGN_TARGETS:
+        raise ValueError(f"target must be one of {ALIGN_TARGETS}, got {target!r}")
+    if target == "raw":
+        return teacher_map
+    fg = normalize_maps(teacher_map) * labels[:, :, None, None].to(teacher_map.dtype)
+    bg = 1 - fg.amax(dim=1, keepdim=True)
+    return torch.cat([bg, fg], dim=1)
+
+
 def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
     """The augmentation of the consistency loss: bilinear resize to `size`, then an optional
     horizontal flip. x: (B, C, H, W) -> (B, C, *size). Applied to images and to maps alike."""

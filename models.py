@@ -190,6 +190,30 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B,D,h,w) -> (B,h*w,D)
 
 
+class ConvStem(nn.Module):
+    """Convolutional tokenizer (Xiao et al. 2021, "Early convolutions help transformers see
+    better"; CCT's tokenizer is the same idea): log2(patch) stride-2 3x3 conv + BN + ReLU
+    layers, then a 1x1 conv to the embedding. Same grid as PatchEmbed, but each token sees
+    its neighbours: the locality a ViT trained from scratch on little data lacks."""
+
+    def __init__(self, patch_size: int, embed_dim: int):
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if 2 ** n != patch_size:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+        self.patch_size = patch_size
+        widths = [3] + [max(16, embed_dim // 2 ** (n - 1 - i)) for i in range(n)]
+        layers = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [conv3x3(c_in, c_out, stride=2), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(widths[-1], embed_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.convs(x))  # (B,3,H,W) -> (B,D,h,w)
+        return x.flatten(2).transpose(1, 2)  # (B,D,h,w) -> (B,h*w,D)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -246,12 +270,13 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000):
+                 num_classes: int = 1000, stem: str = "patch"):
         super().__init__()
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.grid = img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        # "patch": the paper's linear patchify; "conv": a convolutional tokenizer.
+        self.patch_embed = (ConvStem if stem == "conv" else PatchEmbed)(patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -264,6 +289,8 @@ class VisionTransformer(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d) and stem == "conv":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def interpolate_pos_embed(self, h: int, w: int) -> torch.Tensor:
         """Position embeddings for an (h, w) patch grid; exact (untouched) at the native grid."""
@@ -398,26 +425,38 @@ class Teacher(nn.Module):
 
 
 class Student(nn.Module):
-    """ViT + class-token head (the classifier) + 1x1 projection of the patch tokens to the
-    teacher's channel count (the map the alignment loss reads).
+    """ViT + a 1x1 projection of the patch tokens to (background, class 1..K) maps, the map
+    the alignment loss reads (the paper's 2 channels: background, smoke), + a classifier:
 
-    The ViT's own `head` is the classifier, so timm checkpoints load into `student.backbone`.
+    head="token": the ViT's own class-token head (the paper; timm checkpoints load into
+      `student.backbone` with it);
+    head="cam": logits = the spatial mean of the projected class maps, a CAM classifier, as
+      the teacher; then the map the alignment shapes is the map that becomes the mask.
     """
 
-    def __init__(self, backbone: VisionTransformer, map_channels: int):
+    def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token"):
         super().__init__()
+        if head not in ("token", "cam"):
+            raise ValueError(f"head must be 'token' or 'cam', got {head!r}")
         self.backbone = backbone
-        self.proj = nn.Conv2d(backbone.embed_dim, map_channels, 1)
+        self.head = head
+        self.proj = nn.Conv2d(backbone.embed_dim, 1 + num_classes, 1)
 
     def tokens_to_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # -> (B,D,h,w)
 
+    def forward_head(self, tokens: torch.Tensor, h: int, w: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normed tokens (B, 1+N, D) -> logits (B, K), maps (B, 1+K, h, w)."""
+        maps = self.proj(self.tokens_to_map(tokens, h, w))
+        if self.head == "cam":
+            return maps[:, 1:].mean(dim=(2, 3)), maps
+        return self.backbone.forward_head(tokens), maps
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.backbone.patch_size
         tokens = self.backbone.forward_features(x)
-        logits = self.backbone.forward_head(tokens)
-        maps = self.proj(self.tokens_to_map(tokens, x.shape[2] // p, x.shape[3] // p))
-        return logits, maps
+        return self.forward_head(tokens, x.shape[2] // p, x.shape[3] // p)
 
     def forward_gradcam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the last block's norm1 output (B, 1+N, D), the layer Grad-CAM reads for
@@ -433,7 +472,9 @@ class Student(nn.Module):
             normed.requires_grad_(True)
         tokens = tokens + last.attn(normed)[0]  # the rest of Block.forward, on `normed`
         tokens = tokens + last.mlp(last.norm2(tokens))
-        return vit.forward_head(vit.norm(tokens)), normed
+        p = vit.patch_size
+        logits, _ = self.forward_head(vit.norm(tokens), x.shape[2] // p, x.shape[3] // p)
+        return logits, normed
 
 
 # -----------------------------------------------------------------------------

@@ -329,25 +329,30 @@ def tiny_teacher(pcm=True):
     return models.Teacher(models.resnet18(output_stride=8, width=8, num_classes=0), 2, pcm=pcm)
 
 
-def tiny_student(map_channels=2):
+def tiny_student(num_classes=2, head="token", stem="patch"):
     vit = models.vit_tiny(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                          num_classes=2)
-    return models.Student(vit, map_channels)
+                          num_classes=num_classes if head == "token" else 0, stem=stem)
+    return models.Student(vit, num_classes, head=head)
 
 
-@pytest.mark.parametrize("make", [tiny_teacher, tiny_student])
+def cam_student():
+    return tiny_student(head="cam", stem="conv")
+
+
+@pytest.mark.parametrize("make", [tiny_teacher, tiny_student, cam_student])
 def test_every_parameter_gets_a_gradient(make):
     torch.manual_seed(0)
     net = make()
     logits, maps = net(torch.randn(2, 3, 32, 32))
-    assert logits.shape == (2, 2) and maps.shape == (2, 2, 4, 4)
+    channels = 2 if make is tiny_teacher else 3  # the student's map has a background channel
+    assert logits.shape == (2, 2) and maps.shape == (2, channels, 4, 4)
     (logits.sum() + maps.square().mean()).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("make", [tiny_teacher, tiny_student])
+@pytest.mark.parametrize("make", [tiny_teacher, tiny_student, cam_student])
 def test_tiny_networks_overfit_one_batch(make):
     torch.manual_seed(0)
     net = make()
@@ -403,7 +408,7 @@ def test_weights_from_local_files_in_every_wrapper(tmp_path, capsys):
     # A torchvision ViT file is converted to our names on the way in.
     tv_vit = tiny_torchvision_vit()
     torch.save(tv_vit.state_dict(), tmp_path / "vit.pt")
-    student = tiny_student(map_channels=1)
+    student = tiny_student()
     wsss.load_weights(student.backbone, tmp_path / "vit.pt", "student")
     assert "dropped (2): head.weight, head.bias" in capsys.readouterr().out  # 5 classes vs 2
     assert torch.equal(student.backbone.blocks[0].attn.qkv.weight,
@@ -481,12 +486,14 @@ def test_l1_l2_alignment_values_and_teacher_resizing():
 
 
 def test_alignment_gradient_reaches_only_the_student():
-    student = tiny_student(map_channels=2)
+    student = tiny_student()
     teacher = tiny_teacher(pcm=False)
     x = torch.randn(2, 3, 32, 32)
     _, s_map = student(x)
     _, t_map = teacher(x)
-    losses.alignment_loss(s_map, t_map).backward()
+    labels = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    target = losses.alignment_target(t_map, labels, "pair")
+    losses.alignment_loss(s_map, target).backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert student.proj.weight.grad.abs().sum() > 0
 
@@ -522,8 +529,14 @@ def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
         build(config.model, 1).load_state_dict(ckpt["model"])
     assert len(list((run / "pseudo").glob("*.png"))) == 12
     assert (run / "overlays.png").is_file() and "student epoch" in (run / "log.txt").read_text()
+    # The run ends with the three networks scored side by side on the validation split.
+    assert wsss.load_checkpoint(run / "alone.pt")["done"]
     scores = wsss.json.loads((run / "scores.json").read_text())
-    assert 0 <= scores["smoke_iou"] <= 100 and 0 <= scores["context_fp"] <= 100
+    rows = ("teacher CAM (ResNet)", "student alone (ViT)", "aligned student (ViT)")
+    assert scores["split"] == "val" and all(name in scores for name in rows)
+    for name in rows:
+        assert 0 <= scores[name]["smoke_iou"] <= 100 and 0 <= scores[name]["recall"] <= 100
+    assert [line.split(":")[0].strip() for line in out.strip().splitlines()[-4:-1]] == list(rows)
     # Existing run folders are not overwritten.
     code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY)
     assert code == 2 and "--force" in err
@@ -1046,7 +1059,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     follows the single-process run: same loss curve and weights within float tolerance, and
     the pseudo masks of both processes' shares. (The teacher stage is shared: its BatchNorm
     normalises each process's half batch on CPU, where SyncBatchNorm does not run.)"""
-    args = [*TINY, "--amp", "off"]
+    # Deterministic data and no BatchNorm in the student (a conv stem's would see half batches).
+    args = [*TINY, "--amp", "off", "--no-flip", "--crop", 1.0, "--student-stem", "patch"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert run_cli(capsys, "train", "--data", synth_dir, "--out", single, *args)[0] == 0
     ddp.mkdir()
@@ -1061,16 +1075,17 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     assert result.stdout.count("student epoch 2/2 step 3/3") == 1  # one process logs
     a = loss_curve((single / "log.txt").read_text(), "student")
     b = loss_curve((ddp / "log.txt").read_text(), "student")
-    assert a.shape == b.shape == (6, 3) and np.allclose(a, b, atol=1e-4)
+    assert a.shape == b.shape == (6, 4) and np.allclose(a, b, atol=1e-4)
     wa = wsss.load_checkpoint(single / "student.pt")["model"]
     wb = wsss.load_checkpoint(ddp / "student.pt")["model"]
     # Within 1e-3: the key bias has no true gradient (softmax ignores a shift shared by all
     # keys), so Adam turns rounding noise there into steps of up to lr = 5e-4.
     assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa if "qkv.bias" not in k)
+    far = [k for k in wa if "qkv.bias" not in k and not torch.allclose(wa[k], wb[k], atol=3e-5)]
+    assert not far, [(k, (wa[k] - wb[k]).abs().max().item()) for k in far]
     assert len(list((ddp / "pseudo").glob("*.png"))) == 12
     scores = wsss.json.loads((ddp / "scores.json").read_text())
-    assert 0 <= scores["smoke_iou"] <= 100
+    assert 0 <= scores["aligned student (ViT)"]["smoke_iou"] <= 100
     # Stage 3 under torchrun too: one checkpoint, one validation score.
     # --run-dir: torchrun would read --run as an abbreviation of its own --run-path.
     result = subprocess.run([*torchrun, "segment", "--run-dir", str(ddp), "--seg-epochs", "1",
