@@ -19,6 +19,7 @@ training -> CAMs -> evaluation -> stage 3 and prediction -> ablation -> benchmar
 """
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -60,6 +61,11 @@ class DataError(Exception):
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu; anything else is
     passed to torch.device."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available here (use auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                              and torch.backends.mps.is_available()):
+        raise DataError("--device mps: no MPS device is available here (use auto or cpu)")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -316,18 +322,88 @@ PRESETS = {
 }
 
 
+# What each setting allows, in one place: a tuple of choices, or a numeric range
+# (low, high, low_open): low <= v <= high, or low < v with low_open. None = unbounded.
+# The parser enforces the choices; check_settings() enforces all of it, flags or config.json.
+CHOICES = {
+    "teacher": ("resnet18", "resnet34", "resnet50", "resnet101"), "output_stride": (8, 16, 32),
+    "student": ("vit_tiny", "vit_small", "vit_base"), "student_stem": ("patch", "conv"),
+    "student_head": ("token", "cam"), "mode": ("distill", "co-train"),
+    "amp": ("auto", "bf16", "fp16", "off"), "device": ("auto", "cpu", "cuda", "mps"),
+    "align_kind": losses.ALIGN_KINDS, "align_reduce": losses.ALIGN_REDUCES,
+    "align_target": losses.ALIGN_TARGETS, "cam_network": ("student", "teacher"),
+    "cam_method": ("proj", "gradcam"), "background": ("threshold", "power"),
+    "seg_network": ("resnet", "vit"), "seg_targets": ("pseudo", "truth"),
+    "seg_init": ("run", "scratch"),
+}
+POSITIVE, AT_LEAST_ONE, SHARE = (0, None, True), (1, None, False), (0, 1, False)
+RANGES = {
+    "n_train": AT_LEAST_ONE, "n_val": (0, None, False), "size": (16, None, False),
+    "positive_share": SHARE, "coupling": SHARE, "val_coupling": SHARE, "tile": (16, None, False),
+    "min_share": SHARE, "val_share": SHARE, "teacher_width": AT_LEAST_ONE,
+    "student_depth": AT_LEAST_ONE, "patch_size": AT_LEAST_ONE, "image_size": (16, None, False),
+    "teacher_epochs": AT_LEAST_ONE, "student_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
+    "lr": POSITIVE, "weight_decay": (0, None, False), "crop": (0, 1, True),
+    "workers": (0, None, False), "log_every": AT_LEAST_ONE, "align_weight": (0, None, False),
+    "consistency_weight": (0, None, False), "consistency_scale": POSITIVE,
+    "cam_scales": POSITIVE, "threshold": SHARE, "cam_batch_size": AT_LEAST_ONE,
+    "alpha": POSITIVE, "crf_iters": AT_LEAST_ONE, "crf_sxy_gaussian": POSITIVE,
+    "crf_compat_gaussian": (0, None, False), "crf_sxy_bilateral": POSITIVE, "crf_srgb": POSITIVE,
+    "crf_compat_bilateral": (0, None, False), "ignore_band": (0, None, False), "fill_steps": AT_LEAST_ONE,
+    "fill_beta": POSITIVE, "seg_epochs": AT_LEAST_ONE, "seg_batch_size": AT_LEAST_ONE,
+    "seg_lr": POSITIVE,
+}
+
+
+def allowed(name: str) -> str:
+    """What a setting allows, in words."""
+    if name in CHOICES:
+        return "one of " + ", ".join(str(c) for c in CHOICES[name])
+    low, high, low_open = RANGES[name]
+    if high is not None:
+        return f"{'above' if low_open else 'at least'} {low} and at most {high}"
+    return f"{'above' if low_open else 'at least'} {low}"
+
+
+def check_value(name: str, value) -> None:
+    """DataError naming the flag, the value and what is allowed, when `value` is not allowed."""
+    bad = False
+    if name in CHOICES:
+        bad = value not in CHOICES[name]
+    elif name in RANGES:
+        low, high, low_open = RANGES[name]
+        for v in (value if isinstance(value, tuple) else (value,)):
+            bad |= v < low or (low_open and v == low) or (high is not None and v > high)
+        bad |= isinstance(value, tuple) and not value
+    if bad:
+        shown = " ".join(str(v) for v in value) if isinstance(value, tuple) else value
+        raise DataError(f"--{name.replace('_', '-')} {shown}: must be {allowed(name)}")
+
+
+def check_settings(*configs) -> None:
+    """Every field of the given config dataclasses (or of a RunConfig's parts) is allowed."""
+    for config in configs:
+        if isinstance(config, RunConfig):
+            check_settings(*(getattr(config, name) for name in CONFIGS))
+            continue
+        for f in dataclasses.fields(config):
+            check_value(f.name, getattr(config, f.name))
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One --flag per dataclass field, typed from the field, help from its metadata."""
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        text = f"{f.metadata.get('help', '')} (default: {default})"
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif getattr(f.type, "__origin__", None) is tuple:
             item = f.type.__args__[0]
             parser.add_argument(flag, type=item, nargs="+", default=None, help=text)
         else:
-            parser.add_argument(flag, type=f.type, default=None, help=text)
+            parser.add_argument(flag, type=f.type, default=None, help=text,
+                                choices=CHOICES.get(f.name))
 
 
 def config_from_args(cls: type, args: argparse.Namespace, base=None):
@@ -526,13 +602,59 @@ def write_split(root: Path, split: str, rows: list[tuple[str, list[str]]]) -> No
     (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
 
 
-def fresh_output_dir(path: Path, force: bool) -> None:
-    """Create `path`; an existing non-empty folder is replaced only with --force."""
+def real_path(path: Path) -> Path:
+    """The absolute path with links followed (a link loop is left as it is)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
+def check_output(path: Path, force: bool, inputs: tuple = (), folders: tuple = ()) -> None:
+    """An output may not be, or hold, anything the command reads (`inputs`, files or folders),
+    nor lie inside an input folder (`folders`: a dataset, a folder of images); --force or not.
+    An existing non-empty output is replaced only with --force."""
+    out = real_path(path)
+    for item in (*inputs, *folders):
+        item = real_path(Path(item))
+        if out == item or out in item.parents:
+            raise DataError(f"{path}: is or holds {item}, which this command reads; "
+                            f"choose another output folder")
+    for folder in folders:
+        if real_path(Path(folder)) in out.parents:
+            raise DataError(f"{path}: lies inside {folder}, which this command reads; "
+                            f"choose another output folder")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
+        raise DataError(f"{path}: already exists (use --force to replace it)")
+
+
+def fresh_output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ()) -> None:
+    """Create `path` after check_output(); with --force an old output is replaced."""
+    check_output(path, force, inputs, folders)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        if not force:
-            raise DataError(f"{path}: already exists (use --force to replace it)")
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     path.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ()):
+    """Yield an empty temporary sibling of `path` to write into; it takes `path`'s place only
+    when the block ends without error, so a failed or interrupted command leaves the old
+    output (or none) in place, and a plain rerun works."""
+    check_output(path, force, inputs, folders)
+    tmp = path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    os.replace(tmp, path)
 
 
 # --- the synthetic industrial-smoke scene generator --------------------------------------------
@@ -652,9 +774,10 @@ def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: boo
     return np.clip(image, 0, 255).astype(np.uint8), mask.astype(np.uint8), context
 
 
-def synthesize(out: Path, config: SynthConfig, force: bool = False) -> dict:
-    """Write a dataset folder of generated scenes; returns counts per split."""
-    fresh_output_dir(out, force)
+def synthesize(out: Path, config: SynthConfig) -> dict:
+    """Write a dataset folder of generated scenes into the empty folder `out`; returns counts
+    per split."""
+    out.mkdir(parents=True, exist_ok=True)
     for sub in ("images", "masks", "context"):
         (out / sub).mkdir()
     (out / "classes.txt").write_text("smoke\n")
@@ -689,12 +812,13 @@ def tile_origins(length: int, tile: int) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
-def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig, force: bool = False) -> dict:
+def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig) -> dict:
     """SMOKE5K layout (SRC/img/*.jpg, SRC/gt/*.png with 0/255) -> tiled dataset folder.
 
     A tile is positive when smoke covers >= min_share of it, negative when it has no smoke pixel;
     tiles in between are ambiguous and skipped. Photos smaller than a tile are skipped.
     The split is by photograph, so tiles of one photo never land in both splits.
+    `dst` is an empty folder.
     """
     for sub in ("img", "gt"):
         if not (src / sub).is_dir():
@@ -702,8 +826,7 @@ def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig, force: bool = F
     photos = sorted(p for p in (src / "img").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not photos:
         raise DataError(f"{src / 'img'}: no .jpg or .png photographs")
-    fresh_output_dir(dst, force)
-    (dst / "images").mkdir()
+    (dst / "images").mkdir(parents=True)
     (dst / "masks").mkdir()
     (dst / "classes.txt").write_text("smoke\n")
     rows = {"train": [], "val": []}
@@ -747,7 +870,8 @@ def ensure_default_data(path: Path) -> Path:
     """The embedded default dataset: generated once with SynthConfig() when missing."""
     if not (path / "classes.txt").is_file():
         print(f"generating the default synthetic dataset in {path} ...")
-        synthesize(path, SynthConfig(), force=False)
+        with output_dir(path, force=False) as tmp:
+            synthesize(tmp, SynthConfig())
     return path
 
 
@@ -913,8 +1037,10 @@ def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
 def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read checkpoint ({e.__class__.__name__}: {e})") from None
+    except Exception as e:  # torch's message runs to many lines: its first says what failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{path}: cannot read checkpoint ({e.__class__.__name__}: {first})"
+                        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
     return ckpt
@@ -1138,9 +1264,11 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
                 if stop.set:
                     for name, net in nets.items():
                         save_checkpoint(paths[name], config, net, optimizer, epoch, False, step=i)
-                    raise Interrupted(f"{stage}: stopped by Ctrl-C at epoch {epoch + 1} step {i}; "
-                                      f"checkpoint written; `python wsss.py train --resume {run}` "
-                                      f"continues from there")
+                    again = (f"segment --run {run}" if stage.startswith("segment")
+                             else f"train --resume {run}")
+                    raise Interrupted(f"{stage}: stopped by Ctrl-C after epoch {epoch} step {i}; "
+                                      f"checkpoint written; `python wsss.py {again}` continues "
+                                      f"from there")
             for name, net in nets.items():
                 save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
 
@@ -1543,7 +1671,16 @@ def read_run_config(run: Path) -> RunConfig:
     path = run / "config.json"
     if not path.is_file():
         raise DataError(f"{path}: not found; `python wsss.py train` makes a run folder")
-    return RunConfig.from_dict(json.loads(path.read_text()))
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, foreign, edited
+        raise DataError(f"{path}: not a run's config ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'malformed'})") from None
+
+
+def run_files(run: Path) -> tuple[Path, ...]:
+    """What a run folder holds that commands read: its config, checkpoints and log."""
+    return tuple(p for p in run.iterdir() if p.is_file()) if run.is_dir() else ()
 
 
 def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher, models.Student]:
@@ -1641,6 +1778,9 @@ def load_segmenter(run: Path, config: RunConfig, device: torch.device,
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
+    if not ckpt["done"]:
+        raise DataError(f"{path}: stage 3 stopped before it finished; `python wsss.py segment "
+                        f"--run {run}` continues it")
     model = config.model.architecture()
     seg = RunConfig.from_dict(ckpt["config"]).segment
     net = build_segmenter(model, seg, len(read_classes(Path(config.data))))
@@ -2017,8 +2157,10 @@ def bench_models(device: torch.device, batch: int, size: int, steps: int) -> lis
 
 def cmd_synth(args: argparse.Namespace) -> None:
     config = config_from_args(SynthConfig, args)
+    check_settings(config)
     start = time.perf_counter()
-    counts = synthesize(Path(args.out), config, force=args.force)
+    with output_dir(Path(args.out), args.force) as tmp:
+        counts = synthesize(tmp, config)
     seconds = time.perf_counter() - start
     total = config.n_train + config.n_val
     print(f"wrote {args.out}: {json.dumps(counts)} in {seconds:.1f} s "
@@ -2027,16 +2169,42 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     config = config_from_args(PrepareConfig, args)
-    counts = prepare_smoke5k(Path(args.src), Path(args.dst), config, force=args.force)
+    check_settings(config)
+    src = Path(args.src)
+    with output_dir(Path(args.dst), args.force, folders=(src,)) as tmp:
+        counts = prepare_smoke5k(src, tmp, config)
     print(f"wrote {args.dst}: {json.dumps(counts)}")
 
 
 def config_from_flags(args: argparse.Namespace) -> RunConfig:
-    """The preset's values, then every flag the user gave."""
+    """The preset's values, then every flag the user gave; checked before any work."""
     preset = PRESETS[args.preset]
     parts = {name: config_from_args(cls, args, cls(**preset.get(name, {})))
              for name, cls in CONFIGS.items()}
-    return RunConfig(data=str(args.data or DEFAULT_DATA), **parts)
+    config = RunConfig(data=str(args.data or DEFAULT_DATA), **parts)
+    check_run_config(config)
+    return config
+
+
+def check_run_config(config: RunConfig) -> None:
+    """Every setting in range, the settings that depend on each other consistent, and the
+    device present: before a folder is made or a network trained."""
+    check_settings(config)
+    m = config.model
+    if m.image_size % m.patch_size:
+        raise DataError(f"--image-size {m.image_size}: must be a multiple of --patch-size "
+                        f"{m.patch_size}")
+    if m.student_stem == "conv" and m.patch_size & (m.patch_size - 1):
+        raise DataError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
+                        f"(or --student-stem patch)")
+    device = pick_device(config.train.device)
+    autocast_dtype(config.train.amp, device)  # fp16 without CUDA is named here
+
+
+def given_flags(args: argparse.Namespace, classes) -> list[str]:
+    """The config flags the user gave on the command line, as --names."""
+    return ["--" + f.name.replace("_", "-") for cls in classes for f in dataclasses.fields(cls)
+            if getattr(args, f.name, None) is not None]
 
 
 def peak_memory_mb() -> float:
@@ -2049,6 +2217,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:
         run = Path(args.resume)
         config = read_run_config(run)
+        flags = given_flags(args, CONFIGS.values()) + (["--data"] if args.data else [])
+        if flags:
+            raise DataError(f"--resume continues {run} with the settings it began with; "
+                            f"{', '.join(flags)} cannot change them (start a new run instead)")
+        check_run_config(config)
     else:
         config = config_from_flags(args)
 
@@ -2057,7 +2230,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             if not args.data:
                 ensure_default_data(DEFAULT_DATA)
             verify_splits(Path(config.data))  # bad data stops here, before a run folder is made
-            fresh_output_dir(run, args.force)
+            fresh_output_dir(run, args.force, folders=(config.data,))
             (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
             return run
 
@@ -2124,13 +2297,14 @@ def cmd_pseudo(args: argparse.Namespace) -> None:
     config, teacher, student = load_run(run, device)
     cam = config_from_args(CamConfig, args, config.cam)
     refine_config = config_from_args(RefineConfig, args, config.refine)
+    check_settings(cam, refine_config)
     data = Path(args.data or config.data)
     dataset = SmokeDataset(data, args.split, size=config.model.image_size)
     out = Path(args.out or run / f"pseudo_{args.split}")
-    fresh_output_dir(out, args.force)
     began = time.perf_counter()
-    scores = write_pseudo_masks(dataset, out, cam, refine_config, teacher, student, device,
-                                config.train.amp, out / "overlays.png", args.save_cams)
+    with output_dir(out, args.force, inputs=run_files(run), folders=(data,)) as tmp:
+        scores = write_pseudo_masks(dataset, tmp, cam, refine_config, teacher, student, device,
+                                    config.train.amp, tmp / "overlays.png", args.save_cams)
     seconds = time.perf_counter() - began
     print(f"wrote {len(dataset)} masks to {out} in {seconds:.1f} s "
           f"({len(dataset) / seconds:.1f} images/s); overlays: {out / 'overlays.png'}")
@@ -2264,7 +2438,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
     run = Path(args.run)
     config = read_run_config(run)
     seg = config_from_args(SegmentConfig, args, config.segment)
-    name = SEGMENT_CHECKPOINTS.get(seg.seg_targets, "segment")
+    check_settings(seg)
+    name = SEGMENT_CHECKPOINTS[seg.seg_targets]
     path = run / f"{name}.pt"
 
     def settings() -> SegmentConfig:
@@ -2301,9 +2476,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     read_run_config(run)  # a wrong --run is named before any image is read
     files = find_images(args.images, args.input)
     out = Path(args.out or run / "predict")
-    fresh_output_dir(out, args.force)
     device = pick_device(args.device)
-    r = predict(run, files, out, device, args.batch_size)
+    folders = (Path(args.input),) if args.input else ()
+    with output_dir(out, args.force, inputs=(*files, *run_files(run)), folders=folders) as tmp:
+        r = predict(run, files, tmp, device, args.batch_size)
     print(f"{r['images']} masks in {out} ({r['method']}, {device}): {r['seconds']:.1f} s, "
           f"{r['images'] / max(r['seconds'], 1e-9):.1f} images/s; overlays in {out / 'overlays'}")
     if r["skipped"]:
@@ -2509,6 +2685,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     bench_models(device, args.batch, args.size, args.steps)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (the parser names the flag when it is not)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def add_run_flag(parser: argparse.ArgumentParser, text: str) -> None:
     """--run RUN, also spelled --run-dir: torchrun reads a --run after the script as an
     abbreviation of its own --run-path."""
@@ -2561,7 +2745,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="a folder of images (instead of naming files)")
     p.add_argument("--out", help="folder for <stem>.png masks and overlays/ (default: RUN/predict)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--batch-size", type=int, default=16, help="images a batch (default: 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images a batch (default: 16)")
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: auto)")
     p.set_defaults(handler=cmd_predict)
 
@@ -2644,6 +2829,11 @@ def main(argv: list[str] | None = None) -> int:
         code, message = 1, str(e)
     except Interrupted as e:
         code, message = 130, str(e)  # 130: the shell's code for Ctrl-C
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        code, message = 130, "stopped by Ctrl-C"
+    except OSError as e:  # an unwritable or impossible output, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        code, message = 2, f"{where}{e.strerror or e}"
     if code and world()[0] == 0:
         print(f"error: {message}", file=sys.stderr)
     if distributed_run:
