@@ -3,6 +3,7 @@
     python -m pytest -q test_wsss.py
 """
 
+import contextlib
 import os
 import random
 import shutil
@@ -512,13 +513,14 @@ def test_consistency_loss_zero_for_equivariant_maps():
 # Training: tiny end-to-end runs
 
 TINY = ("--image-size", 32, "--teacher-width", 8, "--student-depth", 2, "--batch-size", 4,
-        "--teacher-epochs", 2, "--student-epochs", 2, "--cam-scales", 1.0, "--log-every", 1)
+        "--teacher-epochs", 2, "--student-epochs", 2, "--cam-scales", 1.0, "--log-every", 1,
+        "--no-baseline")  # the student alone is trained where a test asks for it
 
 
 def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY,
-                             "--consistency-weight", 0.5)
+                             "--consistency-weight", 0.5, "--baseline")
     assert code == 0, err
     assert "student epoch 2/2 step 3/3 cls" in out and "align" in out and "cons" in out
     config = wsss.RunConfig.from_dict(wsss.json.loads((run / "config.json").read_text()))
@@ -1115,3 +1117,162 @@ def test_memory_estimate_counts_parameters_and_scales_with_the_batch():
     assert small[0]["state"] == 16 * models.count_parameters(teacher)  # 4 float32 copies
     for a, b in zip(small, large):
         assert 1.95 * a["activations"] < b["activations"] <= 2 * a["activations"]  # ~linear
+
+
+# -----------------------------------------------------------------------------
+# Bad settings and outputs: checked before any work, nothing read is ever deleted
+
+
+BAD_TRAIN_FLAGS = [
+    ("--batch-size", "0"), ("--batch-size", "-4"), ("--lr", "-1"), ("--image-size", "0"),
+    ("--image-size", "-32"), ("--output-stride", "5"), ("--device", "foo"),
+    ("--cam-batch-size", "0"), ("--seg-batch-size", "0"), ("--teacher-epochs", "0"),
+    ("--teacher-epochs", "-1"), ("--student-epochs", "0"), ("--seg-epochs", "-2"),
+    ("--threshold", "1.5"), ("--threshold", "-1"), ("--cam-scales", "0"), ("--cam-scales", "-1"),
+    ("--align-kind", "foo"), ("--align-reduce", "foo"), ("--align-target", "foo"),
+    ("--cam-network", "foo"), ("--cam-method", "foo"), ("--background", "foo"),
+    ("--mode", "foo"), ("--amp", "foo"), ("--teacher", "foo"), ("--seg-network", "foo"),
+    ("--crop", "0"), ("--image-size", "100"),  # not a multiple of the patch size
+] + ([] if wsss.torch.cuda.is_available() else [("--device", "cuda")])
+
+
+def one_line_error(err: str, flag: str) -> bool:
+    lines = err.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0]
+
+
+@pytest.mark.parametrize("flag,value", BAD_TRAIN_FLAGS)
+def test_bad_train_settings_stop_before_any_folder(flag, value, tmp_path, synth_dir, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) if value in ("foo", "5") else contextlib.nullcontext() as e:
+        code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, flag, value)
+    if e is not None:  # the parser's choices: argparse exits 2 with one line
+        code, err = e.value.code, capsys.readouterr().err
+    assert code == 2 and one_line_error(err, flag.split("-")[-1]), err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["synth", "--size", "0"], ["synth", "--n-train", "-5"], ["synth", "--positive-share", "1.5"],
+    ["synth", "--coupling", "-1"], ["prepare", "smoke5k", "SRC", "--tile", "0"],
+    ["prepare", "smoke5k", "SRC", "--val-share", "1.5"],
+    ["prepare", "smoke5k", "SRC", "--min-share", "-1"],
+])
+def test_bad_data_settings_leave_the_old_dataset(argv, tmp_path, capsys):
+    old = tiny_synth(tmp_path / "old")
+    before = sorted(p.name for p in old.rglob("*"))
+    flag = argv[-2]
+    if argv[0] == "synth":
+        argv = [*argv, "--out", str(old), "--force"]
+    else:
+        argv = [argv[0], argv[1], str(tmp_path / "src"), str(old), *argv[3:], "--force"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and one_line_error(err, flag), err
+    assert sorted(p.name for p in old.rglob("*")) == before
+
+
+def test_outputs_that_hold_an_input_are_refused(tiny_run, synth_dir, tmp_path, capsys):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for name in ("a.png", "b.png"):
+        shutil.copy(synth_dir / "images" / "val_00000.png", frames / name)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    kept = sorted(p.name for p in run.iterdir())
+    probes = [
+        ["predict", "--run", run, "--input", frames, "--out", frames, "--force"],
+        ["predict", "--run", run, "--input", frames, "--out", frames / "masks", "--force"],
+        ["predict", "--run", run, "--out", run, "--force", frames / "a.png"],
+        ["pseudo", "--run", run, "--out", run, "--force"],
+        ["train", "--data", synth_dir, "--out", synth_dir, "--force"],
+        ["train", "--data", synth_dir, "--out", synth_dir / "runs", "--force"],
+    ]
+    for argv in probes:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and one_line_error(err, "this command reads"), (argv, err)
+    assert sorted(p.name for p in frames.iterdir()) == ["a.png", "b.png"]
+    assert sorted(p.name for p in run.iterdir()) == kept
+    assert (synth_dir / "classes.txt").is_file()
+
+
+def test_resume_refuses_flags_it_cannot_honour(tiny_run, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", tiny_run, "--student-epochs", 3)
+    assert code == 2 and one_line_error(err, "--student-epochs"), err
+
+
+def test_small_bad_flags_of_other_commands(tiny_run, tmp_path, capsys):
+    for argv in (["pseudo", "--run", tiny_run, "--out", tmp_path / "p", "--cam-batch-size", 0],
+                 ["segment", "--run", tiny_run, "--seg-batch-size", 0]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and one_line_error(err, "batch-size"), err
+    assert not (tmp_path / "p").exists() and not (tiny_run / "segment.pt").exists()
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "predict", "--run", tiny_run, "--batch-size", 0, "x.png")
+    assert e.value.code == 2 and one_line_error(capsys.readouterr().err, "--batch-size")
+
+
+def test_broken_files_and_outputs_end_in_one_line(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "config.json").write_text('{"data": "x", "model": {')  # truncated
+    code, _, err = run_cli(capsys, "pseudo", "--run", run, "--out", tmp_path / "m")
+    assert code == 2 and one_line_error(err, "config.json"), err
+    shutil.copy(tiny_run / "config.json", run / "config.json")
+    (run / "student.pt").write_bytes(b"not a checkpoint" * 100)
+    code, _, err = run_cli(capsys, "pseudo", "--run", run, "--out", tmp_path / "m")
+    assert code == 2 and one_line_error(err, "student.pt"), err
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    code, _, err = run_cli(capsys, "synth", "--out", blocker / "data", "--n-train", 2,
+                           "--n-val", 1, "--size", 32)
+    assert code == 2 and one_line_error(err, "file"), err
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_interrupted_command_leaves_no_partial_output(tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    real = wsss.render_scene
+
+    def render_then_stop(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(wsss, "render_scene", render_then_stop)
+    out = tmp_path / "data"
+    code, _, err = run_cli(capsys, "synth", "--out", out, "--n-train", 4, "--n-val", 1,
+                           "--size", 32)
+    assert code == 130 and one_line_error(err, "Ctrl-C"), err
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
+
+
+def test_predict_refuses_an_unfinished_stage_3(tiny_run, tmp_path, synth_dir, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = wsss.read_run_config(run)
+    net = wsss.build_segmenter(config.model, config.segment, 1)
+    wsss.save_checkpoint(run / "segment.pt", config, net, None, 0, False, step=1)
+    code, _, err = run_cli(capsys, "predict", "--run", run, "--out", tmp_path / "o",
+                           synth_dir / "images" / "val_00000.png")
+    assert code == 2 and one_line_error(err, "segment --run"), err
+
+
+def test_pseudo_and_eval_agree_at_the_truths_resolution(tiny_run, synth_dir, tmp_path, capsys):
+    """The run's networks read 32 px; the data is 48 px: both commands score the written
+    masks against the 48 px ground truth, to the last digit."""
+    out = tmp_path / "masks"
+    code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out",
+                                out, "--json")
+    assert code == 0, err
+    from_pseudo = wsss.json.loads(stdout.strip().splitlines()[-1])
+    code, stdout, err = run_cli(capsys, "eval", "--data", synth_dir, "--split", "val", "--pred",
+                                out, "--json")
+    assert code == 0, err
+    assert wsss.json.loads(stdout) == from_pseudo
+
+
+def test_scores_without_context_print_n_a():
+    r = wsss.Scores(1)
+    r.add(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 4, dtype=torch.long))
+    assert "chimney called smoke n/a %" in wsss.format_scores("x", r.result())

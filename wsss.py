@@ -565,24 +565,37 @@ class SmokeDataset(Dataset):
         pil = load_image(s.image)
         h, w = pil.height, pil.width
         image = tv_tensors.Image(torch.from_numpy(np.array(pil)).permute(2, 0, 1))  # (H,W,3) -> (3,H,W)
-        extras = {}
-        if self.has_masks:
-            mask = (load_mask(s.mask, (w, h), len(self.classes)) if s.mask is not None
-                    else np.full((h, w), IGNORE, np.uint8))
-            extras["mask"] = tv_tensors.Mask(torch.from_numpy(mask).long())
-        if self.has_context:
-            context = (np.array(Image.open(s.context).convert("L")) > 0 if s.context is not None
-                       else np.zeros((h, w), bool))
-            if context.shape != (h, w):
-                raise DataError(f"{s.context}: context is {context.shape[1]}x{context.shape[0]} "
-                                f"but its image is {w}x{h}")
-            extras["context"] = tv_tensors.Mask(torch.from_numpy(context))
+        extras = {k: tv_tensors.Mask(v) for k, v in self.full_truth(s, h, w).items()}
         image, extras = self.transform(image, extras)
         item = {"stem": s.stem, "size": torch.tensor([h, w]), "rgb": image.as_subclass(torch.Tensor),
                 "image": network_input(image.as_subclass(torch.Tensor)),
                 "label": self.label_vector(s)}
         item.update({k: t.as_subclass(torch.Tensor) for k, t in extras.items()})
         return item
+
+    def full_truth(self, s: Sample, h: int, w: int) -> dict[str, torch.Tensor]:
+        """{"mask": (h, w) int64, "context": (h, w) bool}, as far as the folder has them."""
+        extras = {}
+        if self.has_masks:
+            mask = (load_mask(s.mask, (w, h), len(self.classes)) if s.mask is not None
+                    else np.full((h, w), IGNORE, np.uint8))
+            extras["mask"] = torch.from_numpy(mask).long()
+        if self.has_context:
+            context = (np.array(Image.open(s.context).convert("L")) > 0 if s.context is not None
+                       else np.zeros((h, w), bool))
+            if context.shape != (h, w):
+                raise DataError(f"{s.context}: context is {context.shape[1]}x{context.shape[0]} "
+                                f"but its image is {w}x{h}")
+            extras["context"] = torch.from_numpy(context)
+        return extras
+
+    def truth(self, stem: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ground truth of one image at the image file's own size: (mask, context)."""
+        s = next(x for x in self.samples if x.stem == stem)
+        with Image.open(s.image) as im:
+            w, h = im.size
+        extras = self.full_truth(s, h, w)
+        return extras["mask"], extras.get("context")
 
     def verify(self) -> None:
         """Decode every file once, so that bad input stops a run before training, not during."""
@@ -1581,10 +1594,16 @@ class Scores:
         self.boundary[2] += int(true_edge.sum())
         self.boundary[3] += int((true_edge & near(pred_edge, self.tolerance)).sum())
 
-    def add_batch(self, masks: torch.Tensor, batch: dict) -> None:
-        """Masks (B, H, W) against a dataset batch's "mask" (and "context" when it has one)."""
+    def add_batch(self, masks: torch.Tensor, batch: dict, dataset: "SmokeDataset") -> None:
+        """Masks (B, H, W) at the network's size, scored as they are written: at each ground
+        truth's own size (so `train`, `pseudo` and `eval` agree on the same masks)."""
         for i, mask in enumerate(masks):
-            self.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch else None)
+            size = tuple(batch["size"][i].tolist())
+            if tuple(mask.shape) == size:  # the batch holds the truth at its own size
+                self.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
+                         else None)
+            else:
+                self.add(resize_mask(mask, size), *dataset.truth(batch["stem"][i]))
 
     def merge(self, other: "Scores") -> None:
         """Add the counts of another split's share (distributed pseudo-mask generation)."""
@@ -1661,7 +1680,7 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam_config: CamConfig
                 shown_rgb.append(batch["rgb"][i])
                 shown_mask.append(mask)
         if scores is not None:
-            scores.add_batch(masks, batch)
+            scores.add_batch(masks, batch, dataset)
     if overlays is not None and shown_rgb and world()[0] == 0:
         overlay_grid(shown_rgb, shown_mask, overlays, len(dataset.classes))
     return None if scores is None else gather_scores(scores).result()
@@ -1996,7 +2015,8 @@ def score_rows(run: Path, base: RunConfig, names: list[str], split: str) -> dict
             if key not in raw:
                 raw[key] = raw_batch_cams(batch, cam, teacher, student, device, config.train.amp)
             cams = finish_cams(raw[key], batch, refine_config, student, device)
-            scores[name].add_batch(refine(batch["rgb"], cams, cam, refine_config).cpu(), batch)
+            scores[name].add_batch(refine(batch["rgb"], cams, cam, refine_config).cpu(), batch,
+                                   dataset)
     return {name: s.result() for name, s in scores.items()}
 
 
@@ -2276,7 +2296,7 @@ def score_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: R
     scores = Scores(len(dataset.classes))
     for batch, _, masks in pseudo_masks(dataset, cam_config, refine_config, teacher, student,
                                         device, amp):
-        scores.add_batch(masks, batch)
+        scores.add_batch(masks, batch, dataset)
     return gather_scores(scores).result()
 
 
@@ -2504,7 +2524,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                        ("recall", "smoke recall (coverage)"), ("boundary_f1", "boundary F1 (2 px)"),
                        ("image_iou", "smoke IoU per image"),
                        ("context_fp", "chimney pixels called smoke %")):
-        print(f"  {label:30s} {result[key]:6.2f}")
+        value = result[key]
+        print(f"  {label:30s} " + ("   n/a" if math.isnan(value) else f"{value:6.2f}"))
     if args.sweep:
         sweep = result["sweep"]
         print("  background threshold -> smoke IoU: " + ", ".join(
@@ -2700,8 +2721,15 @@ def add_run_flag(parser: argparse.ArgumentParser, text: str) -> None:
                         help=f"{text} (--run-dir: the same, for use under torchrun)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (exit code 2), not under the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="wsss.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
