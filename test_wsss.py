@@ -470,9 +470,23 @@ def test_one_channel_maps_make_channel_cosine_global_and_spatial_cosine_inert():
                        losses.alignment_loss(s, t, "cosine", "global"))
     losses.alignment_loss(s, t, "cosine", "spatial").backward()
     assert s.grad.abs().max() < 1e-6  # the cosine of two numbers is +-1: rounding noise only
-    assert wsss.training_overrides("channel", 1) == {}
-    assert wsss.training_overrides("spatial", 1) == {"align_weight": 0.0}
-    assert wsss.training_overrides("spatial", 2) == {"align_reduce": "spatial"}
+    assert wsss.training_overrides("channel", one_channel=True) == {}
+    assert wsss.training_overrides("spatial", one_channel=True) == {"align_weight": 0.0}
+    # The label-gated (background, foreground) target has two channels: each row trains.
+    assert wsss.training_overrides("spatial", one_channel=False) == {"align_reduce": "spatial"}
+
+
+def test_pair_target_is_label_gated_and_normalised():
+    t = torch.tensor([[[[-1.0, 0.5], [2.0, 1.0]]]]).repeat(2, 1, 1, 1)  # (2, 1, 2, 2) raw maps
+    labels = torch.tensor([[1.0], [0.0]])  # smoke in the first image only
+    target = losses.alignment_target(t, labels, "pair")
+    assert target.shape == (2, 2, 2, 2)
+    fg = torch.tensor([[0.0, 0.25], [1.0, 0.5]])  # ReLU, then / max (up to the 1e-5 guard)
+    assert torch.allclose(target[0, 1], fg, atol=1e-4)
+    assert torch.allclose(target[0, 0], 1 - fg, atol=1e-4)
+    assert torch.equal(target[1, 1], torch.zeros(2, 2))  # smoke-free: all background
+    assert torch.equal(target[1, 0], torch.ones(2, 2))
+    assert losses.alignment_target(t, labels, "raw") is t
 
 
 def test_l1_l2_alignment_values_and_teacher_resizing():

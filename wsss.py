@@ -1961,9 +1961,9 @@ ONE_CHANNEL_SHARES = {"channel": ("aligned", "one channel: = global"),
                       "spatial": ("alone", "one channel: no gradient, = λ = 0")}
 
 
-def training_overrides(name: str, num_classes: int) -> dict:
+def training_overrides(name: str, one_channel: bool) -> dict:
     """A row's training overrides, those of the row whose run it shares when it has to."""
-    if num_classes == 1 and name in ONE_CHANNEL_SHARES:
+    if one_channel and name in ONE_CHANNEL_SHARES:
         name = ONE_CHANNEL_SHARES[name][0]
     return ABLATION_ROWS[name][1]
 
@@ -2062,12 +2062,13 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
            jobs: int = 1) -> dict:
     """Pseudo-mask scores on `split` (label -> one result per seed) of every row: each distinct
     training setting trained once per seed, then scored, on `jobs` processes."""
-    num_classes = len(read_classes(Path(base.data)))
+    # The raw target has one channel a class; the pair target adds the background channel.
+    one_channel = len(read_classes(Path(base.data))) == 1 and base.loss.align_target == "raw"
     runs = {}  # run key (name, seed) -> (training overrides, rows scored on that run)
     row_run = {}  # (row, seed) -> run key
     for seed in seeds:
         for name in rows:
-            overrides = training_overrides(name, num_classes)
+            overrides = training_overrides(name, one_channel)
             key = row_run[name, seed] = (run_name(overrides, seed), seed)
             runs.setdefault(key, (overrides, []))[1].append(name)
 
@@ -2095,7 +2096,7 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
     table = {}
     for name in rows:
         label = ABLATION_ROWS[name][0]
-        if num_classes == 1 and name in ONE_CHANNEL_SHARES:
+        if one_channel and name in ONE_CHANNEL_SHARES:
             label += f" ({ONE_CHANNEL_SHARES[name][1]})"
         for seed in seeds:
             scores = results[scored[row_run[name, seed]]][name]
