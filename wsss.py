@@ -657,7 +657,10 @@ def output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ())
     check_output(path, force, inputs, folders)
     tmp = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"{path}: cannot be written ({e.strerror})") from None
     try:
         yield tmp
     except BaseException:
