@@ -1642,7 +1642,8 @@ def format_scores(name: str, r: dict) -> str:
     return (f"{name}: smoke IoU {f('smoke_iou')}  mIoU {f('miou')}  "
             f"precision {f('precision')}  recall {f('recall')}  "
             f"boundary F1 {f('boundary_f1')}  per-image IoU {f('image_iou')}  "
-            f"chimney called smoke {f('context_fp')} %")
+            f"chimney called smoke {f('context_fp')} %"
+            + (f"  BCE {r['bce']:.3f}" if "bce" in r else ""))
 
 
 def evaluate_folder(dataset: "SmokeDataset", pred: Path) -> dict:
@@ -2283,15 +2284,33 @@ def cmd_train(args: argparse.Namespace) -> None:
         scores = {name: score_masks(scored, cam, config.refine, teacher, net, device,
                                     config.train.amp)
                   for name, (cam, net) in rows.items() if cam.cam_network == "teacher" or net}
-        log(f"pseudo masks of the {split} split ({len(scored)} images) vs ground truth, "
-            f"one read-out for all ({config.cam.cam_method if config.cam.cam_network == 'student' else 'CAM'}, "
-            f"threshold {config.cam.threshold}, scales {list(config.cam.cam_scales)}):")
+        for name, (cam, net) in rows.items():  # how well each network classifies, too
+            if name in scores:
+                scores[name]["bce"] = classification_bce(teacher if net is None else net, scored,
+                                                         device)
+        log(f"pseudo masks of the {split} split ({len(scored)} images) vs ground truth, one "
+            f"read-out for all (threshold {config.cam.threshold}, scales "
+            f"{list(config.cam.cam_scales)}; students' map: {config.cam.cam_method}):")
         for name, r in scores.items():
             log(format_scores(f"  {name:22s}", r))
         if world()[0] == 0:
             (run / "scores.json").write_text(json.dumps({"split": split, **scores}, indent=2)
                                              + "\n")
     log(f"wall time {time.perf_counter() - began:.0f} s, peak memory {peak_memory_mb():.0f} MB")
+
+
+def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
+                       ) -> float:
+    """The network's L_cls over a split (float32): how well it has learned the labels."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = net(batch["image"].to(device))[0].float()
+            labels = batch["label"].to(device)
+            total += losses.classification_loss(logits, labels).item() * labels.numel()
+            count += labels.numel()
+    return total / count
 
 
 def score_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: RefineConfig,
