@@ -2835,7 +2835,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its share of the cores; fewer threads round differently, so the trained "
                    "networks differ from one job's (default: 2 on a CPU with 2 or more cores, "
                    "1 for --quick)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="as for train")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="faithful",
+                   help="the recipe the rows change: faithful (the paper's, default) or cpu")
     for name, cls in CONFIGS.items():
         add_config_flags(p.add_argument_group(f"{name} settings"), cls)
     p.set_defaults(handler=cmd_ablate)
