@@ -336,22 +336,22 @@ CHOICES = {
     "seg_network": ("resnet", "vit"), "seg_targets": ("pseudo", "truth"),
     "seg_init": ("run", "scratch"),
 }
-POSITIVE, AT_LEAST_ONE, SHARE = (0, None, True), (1, None, False), (0, 1, False)
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = (0, None, True), (0, None, False), (1, None, False)
+SHARE, PIXELS = (0, 1, False), (16, None, False)
 RANGES = {
-    "n_train": AT_LEAST_ONE, "n_val": (0, None, False), "size": (16, None, False),
-    "positive_share": SHARE, "coupling": SHARE, "val_coupling": SHARE, "tile": (16, None, False),
-    "min_share": SHARE, "val_share": SHARE, "teacher_width": AT_LEAST_ONE,
-    "student_depth": AT_LEAST_ONE, "patch_size": AT_LEAST_ONE, "image_size": (16, None, False),
-    "teacher_epochs": AT_LEAST_ONE, "student_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE,
-    "lr": POSITIVE, "weight_decay": (0, None, False), "crop": (0, 1, True),
-    "workers": (0, None, False), "log_every": AT_LEAST_ONE, "align_weight": (0, None, False),
-    "consistency_weight": (0, None, False), "consistency_scale": POSITIVE,
-    "cam_scales": POSITIVE, "threshold": SHARE, "cam_batch_size": AT_LEAST_ONE,
-    "alpha": POSITIVE, "crf_iters": AT_LEAST_ONE, "crf_sxy_gaussian": POSITIVE,
-    "crf_compat_gaussian": (0, None, False), "crf_sxy_bilateral": POSITIVE, "crf_srgb": POSITIVE,
-    "crf_compat_bilateral": (0, None, False), "ignore_band": (0, None, False), "fill_steps": AT_LEAST_ONE,
-    "fill_beta": POSITIVE, "seg_epochs": AT_LEAST_ONE, "seg_batch_size": AT_LEAST_ONE,
-    "seg_lr": POSITIVE,
+    "n_train": AT_LEAST_ONE, "n_val": NON_NEGATIVE, "size": PIXELS, "positive_share": SHARE,
+    "coupling": SHARE, "val_coupling": SHARE, "tile": PIXELS, "min_share": SHARE,
+    "val_share": SHARE, "teacher_width": AT_LEAST_ONE, "student_depth": AT_LEAST_ONE,
+    "patch_size": AT_LEAST_ONE, "image_size": PIXELS, "teacher_epochs": AT_LEAST_ONE,
+    "student_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "crop": (0, 1, True), "workers": NON_NEGATIVE,
+    "log_every": AT_LEAST_ONE, "align_weight": NON_NEGATIVE, "consistency_weight": NON_NEGATIVE,
+    "consistency_scale": POSITIVE, "cam_scales": POSITIVE, "threshold": SHARE,
+    "cam_batch_size": AT_LEAST_ONE, "alpha": POSITIVE, "crf_iters": AT_LEAST_ONE,
+    "crf_sxy_gaussian": POSITIVE, "crf_compat_gaussian": NON_NEGATIVE,
+    "crf_sxy_bilateral": POSITIVE, "crf_srgb": POSITIVE, "crf_compat_bilateral": NON_NEGATIVE,
+    "ignore_band": NON_NEGATIVE, "fill_steps": AT_LEAST_ONE, "fill_beta": POSITIVE,
+    "seg_epochs": AT_LEAST_ONE, "seg_batch_size": AT_LEAST_ONE, "seg_lr": POSITIVE,
 }
 
 
