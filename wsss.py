@@ -58,19 +58,22 @@ class DataError(Exception):
     """Bad input a user can fix: the CLI prints it as one line and exits with code 2."""
 
 
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu; anything else is
     passed to torch.device."""
     if name == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda: no CUDA device is available here (use auto or cpu)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                              and torch.backends.mps.is_available()):
+    if name == "mps" and not mps_available():
         raise DataError("--device mps: no MPS device is available here (use auto or cpu)")
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if mps_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -542,6 +545,7 @@ class SmokeDataset(Dataset):
                                 f"pseudo` writes pseudo masks)")
             self.samples = [dataclasses.replace(s, mask=masks / f"{s.stem}.png")
                             for s in self.samples]
+        self.index = {s.stem: i for i, s in enumerate(self.samples)}
         self.has_masks = any(s.mask is not None for s in self.samples)
         self.has_context = any(s.context is not None for s in self.samples)
         steps = [v2.Resize((size, size), antialias=True)] if size else []
@@ -591,7 +595,7 @@ class SmokeDataset(Dataset):
 
     def truth(self, stem: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The ground truth of one image at the image file's own size: (mask, context)."""
-        s = next(x for x in self.samples if x.stem == stem)
+        s = self.samples[self.index[stem]]
         with Image.open(s.image) as im:
             w, h = im.size
         extras = self.full_truth(s, h, w)
@@ -641,11 +645,18 @@ def check_output(path: Path, force: bool, inputs: tuple = (), folders: tuple = (
         raise DataError(f"{path}: already exists (use --force to replace it)")
 
 
+def remove(path: Path) -> None:
+    """Delete a folder or file (an old output that --force replaces); nothing if absent."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def fresh_output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ()) -> None:
     """Create `path` after check_output(); with --force an old output is replaced."""
     check_output(path, force, inputs, folders)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove(path)
     path.mkdir(parents=True, exist_ok=True)
 
 
@@ -666,10 +677,7 @@ def output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    remove(path)
     os.replace(tmp, path)
 
 
@@ -994,9 +1002,7 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp == "bf16":
         return torch.bfloat16
-    if amp != "auto":
-        raise DataError(f"--amp must be auto, bf16, fp16 or off, got {amp!r}")
-    if device.type == "cuda":
+    if device.type == "cuda":  # "auto" (the choices are checked with the other settings)
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":  # fast only with AVX512-BF16 or AMX; slower than fp32 elsewhere
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
@@ -1004,8 +1010,6 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
-    if config.teacher not in ("resnet18", "resnet34", "resnet50", "resnet101"):
-        raise DataError(f"unknown teacher {config.teacher!r}")
     backbone = getattr(models, config.teacher)(num_classes=0, output_stride=config.output_stride,
                                                width=config.teacher_width)
     if config.teacher_weights:
@@ -1014,8 +1018,6 @@ def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
 
 
 def build_student(config: ModelConfig, num_classes: int) -> models.Student:
-    if config.student not in ("vit_tiny", "vit_small", "vit_base"):
-        raise DataError(f"unknown student {config.student!r}")
     if config.image_size % config.patch_size:
         raise DataError(f"--image-size {config.image_size} is not a multiple of --patch-size "
                         f"{config.patch_size}")
@@ -1328,7 +1330,7 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
 
         train_stage("student", {"student": student}, student_step, dataset, run, config,
                     t.student_epochs, device, log)
-    elif t.mode == "co-train":
+    else:  # co-train
         def joint_step(batch, nets):
             logits, teacher_maps = nets["teacher"](batch["image"])
             cls_t = losses.classification_loss(logits, batch["label"])
@@ -1341,8 +1343,6 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
         train_stage("co-train", {"teacher": teacher, "student": student}, joint_step, dataset,
                     run, config, max(t.teacher_epochs, t.student_epochs), device, log)
         freeze(teacher)
-    else:
-        raise DataError(f"--mode must be distill or co-train, got {t.mode!r}")
     return teacher, freeze(student)
 
 
@@ -1418,10 +1418,6 @@ def cam_function(config: CamConfig, teacher: models.Teacher | None,
     """(function images -> CAMs, the size multiple its inputs need) for the configured CAM."""
     if config.cam_network == "teacher":
         return (lambda x: teacher_cam(teacher, x)), 1
-    if config.cam_network != "student":
-        raise DataError(f"--cam-network must be teacher or student, got {config.cam_network!r}")
-    if config.cam_method not in ("gradcam", "proj"):
-        raise DataError(f"--cam-method must be gradcam or proj, got {config.cam_method!r}")
     fn = student_gradcam if config.cam_method == "gradcam" else student_proj_cam
     return (lambda x: fn(student, x)), student.backbone.patch_size
 
@@ -1695,10 +1691,12 @@ def read_run_config(run: Path) -> RunConfig:
     if not path.is_file():
         raise DataError(f"{path}: not found; `python wsss.py train` makes a run folder")
     try:
-        return RunConfig.from_dict(json.loads(path.read_text()))
+        config = RunConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, foreign, edited
         raise DataError(f"{path}: not a run's config ({e.__class__.__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'malformed'})") from None
+    check_settings(config)  # an edited file is held to the same table as the flags
+    return config
 
 
 def run_files(run: Path) -> tuple[Path, ...]:
