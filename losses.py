@@ -76,7 +76,7 @@ def alignment_target(teacher_map: torch.Tensor, labels: torch.Tensor, target: st
         raise ValueError(f"target must be one of {ALIGN_TARGETS}, got {target!r}")
     if target == "raw":
         return teacher_map
-    fg = normalize_maps(teacher_map) * labels[:, :, None, None].to(teacher_map.dtype)
+    fg = normalize_maps(teacher_map, labels)
     bg = 1 - fg.amax(dim=1, keepdim=True)
     return torch.cat([bg, fg], dim=1)
 
@@ -88,10 +88,13 @@ def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch
     return x.flip(-1) if flip else x
 
 
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """ReLU, then divide each (image, class) map by its maximum: (B,C,h,w) -> values in [0, 1]."""
+def normalize_maps(maps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """ReLU, then divide each (image, class) map by its maximum: (B,C,h,w) -> values in [0, 1].
+    With labels (B, C) multi-hot, the maps of classes an image lacks are zeroed (label gating:
+    the image label is known for training images, as in every WSSS pipeline)."""
     maps = F.relu(maps.float())
-    return maps / (maps.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    maps = maps / (maps.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    return maps if labels is None else maps * labels[:, :, None, None].to(maps)
 
 
 def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Tensor

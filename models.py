@@ -458,23 +458,32 @@ class Student(nn.Module):
         tokens = self.backbone.forward_features(x)
         return self.forward_head(tokens, x.shape[2] // p, x.shape[3] // p)
 
-    def forward_gradcam(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and the last block's norm1 output (B, 1+N, D), the layer Grad-CAM reads for
-        ViTs (the paper; pytorch-grad-cam's ViT recipe). After the last block, patch tokens no
-        longer reach the class token, so their gradient would be zero."""
-        vit = self.backbone
-        tokens = vit.embed(x)
-        for block in vit.blocks[:-1]:
-            tokens, _ = block(tokens)
-        last = vit.blocks[-1]
-        normed = last.norm1(tokens)
-        if not normed.requires_grad:  # a frozen student: make this layer the graph's leaf
-            normed.requires_grad_(True)
-        tokens = tokens + last.attn(normed)[0]  # the rest of Block.forward, on `normed`
-        tokens = tokens + last.mlp(last.norm2(tokens))
-        p = vit.patch_size
-        logits, _ = self.forward_head(vit.norm(tokens), x.shape[2] // p, x.shape[3] // p)
-        return logits, normed
+    def gradcam(self, x: torch.Tensor) -> torch.Tensor:
+        """Grad-CAM (Selvaraju et al. 2017) of the last block's norm1 tokens, the layer the
+        paper reads (pytorch-grad-cam's ViT recipe; after the last block, patch tokens no
+        longer reach the class token, so their gradient would be zero):
+        cam_k = ReLU(sum_d mean_n(d y_k / d A_nd) * A_nd), class token dropped.
+        (B, 3, H, W) -> (B, K, H/p, W/p)."""
+        vit, p = self.backbone, self.backbone.patch_size
+        h, w = x.shape[2] // p, x.shape[3] // p
+        with torch.enable_grad():
+            tokens = vit.embed(x)
+            for block in vit.blocks[:-1]:
+                tokens, _ = block(tokens)
+            last = vit.blocks[-1]
+            normed = last.norm1(tokens)
+            if not normed.requires_grad:  # a frozen student: make this layer the graph's leaf
+                normed.requires_grad_(True)
+            tokens = tokens + last.attn(normed)[0]  # the rest of Block.forward, on `normed`
+            tokens = tokens + last.mlp(last.norm2(tokens))
+            logits, _ = self.forward_head(vit.norm(tokens), h, w)
+            cams = []
+            for k in range(logits.shape[1]):
+                grad, = torch.autograd.grad(logits[:, k].sum(), normed, retain_graph=True)
+                weights = grad[:, 1:].mean(dim=1, keepdim=True)  # (B, 1, D): pooled gradients
+                cam = (normed[:, 1:] * weights).sum(dim=-1)  # (B, N, D) -> (B, N)
+                cams.append(F.relu(cam).reshape(-1, h, w).detach())
+        return torch.stack(cams, dim=1).float()
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""From class activation maps to pseudo masks.
+"""From class activation maps to pseudo masks, and the masks' scores.
 
-Functions of tensors only (images, CAMs, probabilities), batched, on any device:
-    cams_to_probs  ->  (dense_crf)  ->  probs_to_mask
+Functions of tensors (images, CAMs, probabilities) and of trained networks, batched, on any
+device:  multiscale_cam -> (coverage_fix) -> normalize_maps -> cams_to_probs -> (dense_crf)
+-> probs_to_mask;  Scores counts a mask against the ground truth.
 """
 
 import copy
@@ -9,23 +10,36 @@ import functools
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-IGNORE = 255
+from losses import normalize_maps
+
+IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
 
 
-def normalize_cams(cams: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """ReLU and per-(image, class) max normalisation; classes absent from the image label are
-    zeroed (the label is known for training images, as in every WSSS pipeline).
+# -----------------------------------------------------------------------------
+# CAMs: several input scales and the flipped input, summed
 
-    cams: (B, K, H, W) foreground maps; labels: (B, K) multi-hot or None -> (B, K, H, W) in [0, 1].
-    """
-    cams = F.relu(cams.float())
-    cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + 1e-5)
-    if labels is not None:
-        cams = cams * labels[:, :, None, None].to(cams)
-    return cams
+
+def multiscale_cam(cam_fn, images: torch.Tensor, scales: tuple[float, ...], flip: bool,
+                   multiple: int) -> torch.Tensor:
+    """Sum of ReLU'd CAMs over input scales (and the flipped input), at the input size.
+    Scaled sides are rounded to a multiple of `multiple` (the student's patch size).
+    cam_fn: (B,3,h,w) -> (B,K,h',w'); images (B,3,H,W) -> (B,K,H,W)."""
+    B, _, H, W = images.shape
+    total = None
+    for scale in scales:
+        size = (max(multiple, round(H * scale / multiple) * multiple),
+                max(multiple, round(W * scale / multiple) * multiple))
+        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        for flipped in ((False, True) if flip else (False,)):
+            cam = F.relu(cam_fn(x.flip(-1) if flipped else x))
+            cam = cam.flip(-1) if flipped else cam
+            cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)
+            total = cam if total is None else total + cam
+    return total
 
 
 def cams_to_probs(cams: torch.Tensor, background: str = "threshold", threshold: float = 0.3,
@@ -329,3 +343,105 @@ def random_walk(cams: torch.Tensor, transition: torch.Tensor, steps: int = 2) ->
     for _ in range(steps):
         flat = flat @ transition.transpose(1, 2)  # each patch gathers from its neighbours
     return flat.reshape(B, K, h, w)
+
+
+def coverage_fix(student, images: torch.Tensor, cams: torch.Tensor, steps: int = 2,
+                 beta: float = 2.0) -> torch.Tensor:
+    """The coverage fix: CAMs (B,K,H,W) pooled to the student's patch grid, walked `steps`
+    times over its attention affinities (sharpened by `beta`), and brought back to (H, W)."""
+    p = student.backbone.patch_size
+    h, w = images.shape[2] // p, images.shape[3] // p
+    with torch.no_grad():
+        _, attentions = student.backbone.forward_features(images, return_attn=True)
+    transition = attention_affinity(attentions, beta)
+    grid = F.adaptive_avg_pool2d(F.relu(cams.float()), (h, w))
+    walked = random_walk(grid, transition, steps)
+    return F.interpolate(walked, size=cams.shape[-2:], mode="bilinear", align_corners=False)
+
+
+# -----------------------------------------------------------------------------
+# Scores: masks against ground truth (255 ignored)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A (H, W) class mask at another size, nearest neighbour (the file's own size)."""
+    if tuple(mask.shape) == size:
+        return mask
+    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
+
+
+def boundary(fg: torch.Tensor) -> torch.Tensor:
+    """Inner boundary of a (H, W) bool region: its pixels with a 4-neighbour outside it."""
+    x = fg[None, None].float()
+    eroded = -F.max_pool2d(-F.pad(x, (1, 1, 1, 1), value=1.0), 3, stride=1)
+    return fg & (eroded[0, 0] < 0.5)
+
+
+def near(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Pixels within `radius` (Chebyshev) of a True pixel of the (H, W) bool mask."""
+    x = mask[None, None].float()
+    return F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0.5
+
+
+class Scores:
+    """Accumulates a confusion matrix, per-image smoke IoU, boundary matches (2-pixel
+    tolerance) and context false positives, over a whole split."""
+
+    def __init__(self, num_classes: int, tolerance: int = 2):
+        self.n = num_classes + 1  # background first
+        self.tolerance = tolerance
+        self.confusion = torch.zeros(self.n, self.n, dtype=torch.int64)  # [truth, prediction]
+        self.image_ious: list[float] = []
+        self.context_pixels = 0
+        self.context_called_fg = 0
+        self.boundary = [0, 0, 0, 0]  # predicted, predicted matched, true, true matched
+
+    def add(self, pred: torch.Tensor, truth: torch.Tensor, context: torch.Tensor | None = None):
+        """pred, truth: (H, W) class indices (truth 255 = ignore); context: (H, W) bool."""
+        valid = truth != IGNORE
+        pred = torch.where(pred == IGNORE, torch.zeros_like(pred), pred)  # abstained: background
+        p, t = pred[valid].long(), truth[valid].long()
+        self.confusion += torch.bincount(t * self.n + p.clamp(max=self.n - 1),
+                                         minlength=self.n ** 2).reshape(self.n, self.n)
+        fg_t, fg_p = t > 0, p > 0
+        if fg_t.any():  # the paper's figure: IoU averaged over images that show smoke
+            self.image_ious.append(((fg_t & fg_p).sum() / (fg_t | fg_p).sum()).item())
+        if context is not None and fg_t.any():  # chimneys of images that show smoke: label
+            self.context_pixels += int(context.sum())  # gating zeroes smoke-free images anyway
+            self.context_called_fg += int((context & (pred > 0)).sum())
+        # Boundary F1 of foreground vs the rest. Predicted edges inside ignore are not scored
+        # for precision but may still match a true edge (the true edge lies in that band).
+        pred_edge = boundary(pred > 0)
+        true_edge = boundary((truth > 0) & valid)
+        scored = pred_edge & valid
+        self.boundary[0] += int(scored.sum())
+        self.boundary[1] += int((scored & near(true_edge, self.tolerance)).sum())
+        self.boundary[2] += int(true_edge.sum())
+        self.boundary[3] += int((true_edge & near(pred_edge, self.tolerance)).sum())
+
+    def merge(self, other: "Scores") -> None:
+        """Add the counts of another split's share (distributed pseudo-mask generation)."""
+        self.confusion += other.confusion
+        self.image_ious += other.image_ious
+        self.context_pixels += other.context_pixels
+        self.context_called_fg += other.context_called_fg
+        self.boundary = [a + b for a, b in zip(self.boundary, other.boundary)]
+
+    def result(self) -> dict:
+        c = self.confusion.double()
+        tp = c.diag()
+        iou = tp / (c.sum(0) + c.sum(1) - tp).clamp(min=1)
+        fg_tp = c[1:, 1:].sum()
+        bp = self.boundary[1] / max(1, self.boundary[0])
+        br = self.boundary[3] / max(1, self.boundary[2])
+        return {
+            "smoke_iou": 100 * iou[1].item() if self.n == 2 else 100 * iou[1:].mean().item(),
+            "miou": 100 * iou.mean().item(),
+            "per_class_iou": [100 * v for v in iou.tolist()],
+            "precision": 100 * (fg_tp / c[:, 1:].sum().clamp(min=1)).item(),
+            "recall": 100 * (fg_tp / c[1:, :].sum().clamp(min=1)).item(),
+            "image_iou": 100 * float(np.mean(self.image_ious)) if self.image_ious else float("nan"),
+            "boundary_f1": 100 * 2 * bp * br / (bp + br) if bp + br > 0 else 0.0,
+            "context_fp": (100 * self.context_called_fg / self.context_pixels
+                           if self.context_pixels else float("nan")),
+        }

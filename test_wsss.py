@@ -368,15 +368,22 @@ def test_tiny_networks_overfit_one_batch(make):
     assert loss.item() < 0.05
 
 
-def test_student_gradcam_layer_reproduces_the_forward():
+def test_student_gradcam_weights_the_last_blocks_input_by_pooled_gradients():
     torch.manual_seed(0)
     student = tiny_student().eval()
     x = torch.randn(2, 3, 32, 32)
-    logits, feature = student.forward_gradcam(x)
-    assert torch.allclose(logits, student(x)[0], atol=1e-6)
-    assert feature.shape == (2, 1 + 16, 32)
-    grad, = torch.autograd.grad(logits[:, 0].sum(), feature)
-    assert grad[:, 1:].abs().sum() > 0  # patch tokens of the last block's input reach the class token
+    cams = student.gradcam(x)
+    assert cams.shape == (2, 2, 4, 4) and (cams >= 0).all() and cams.sum() > 0
+    # Oracle: the same formula from a hook on the last block's norm1 and autograd.
+    saved = {}
+    hook = student.backbone.blocks[-1].norm1.register_forward_hook(
+        lambda m, i, o: saved.setdefault("a", o))
+    x.requires_grad_(True)
+    logits, _ = student(x)
+    hook.remove()
+    grad, = torch.autograd.grad(logits[:, 0].sum(), saved["a"])
+    expect = torch.relu((saved["a"][:, 1:] * grad[:, 1:].mean(1, keepdim=True)).sum(-1))
+    assert torch.allclose(cams[:, 0].flatten(1), expect, atol=1e-5)
 
 
 def test_load_pretrained_drops_a_head_of_another_class_count():
@@ -462,7 +469,7 @@ def test_cosine_reduce_modes_differ_as_documented():
 
 
 def test_one_channel_maps_make_channel_cosine_global_and_spatial_cosine_inert():
-    # Why the ablation shares runs when the data has one class (wsss.training_overrides).
+    # Why the pair target (two channels) makes the ablation's channel and spatial rows differ.
     torch.manual_seed(0)
     s = torch.randn(3, 1, 4, 4, requires_grad=True)
     t = torch.randn(3, 1, 4, 4)
@@ -470,10 +477,6 @@ def test_one_channel_maps_make_channel_cosine_global_and_spatial_cosine_inert():
                        losses.alignment_loss(s, t, "cosine", "global"))
     losses.alignment_loss(s, t, "cosine", "spatial").backward()
     assert s.grad.abs().max() < 1e-6  # the cosine of two numbers is +-1: rounding noise only
-    assert wsss.training_overrides("channel", one_channel=True) == {}
-    assert wsss.training_overrides("spatial", one_channel=True) == {"align_weight": 0.0}
-    # The label-gated (background, foreground) target has two channels: each row trains.
-    assert wsss.training_overrides("spatial", one_channel=False) == {"align_reduce": "spatial"}
 
 
 def test_pair_target_is_label_gated_and_normalised():
@@ -543,7 +546,7 @@ def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
         ckpt = wsss.load_checkpoint(run / f"{name}.pt")
         assert ckpt["epoch"] == 2 and ckpt["done"] and ckpt["config"] == config.to_dict()
         build(config.model, 1).load_state_dict(ckpt["model"])
-    assert len(list((run / "pseudo").glob("*.png"))) == 12
+    assert len(list((run / "pseudo_train").glob("*.png"))) == 12
     assert (run / "overlays.png").is_file() and "student epoch" in (run / "log.txt").read_text()
     # The run ends with the three networks scored side by side on the validation split.
     assert wsss.load_checkpoint(run / "alone.pt")["done"]
@@ -643,15 +646,6 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys, synth_di
                                       if v.is_floating_point())
 
 
-def test_co_training_trains_both(tmp_path, capsys, synth_dir):
-    run = tmp_path / "co"
-    code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY,
-                             "--mode", "co-train", "--cam-network", "teacher")
-    assert code == 0, err
-    assert "co-train epoch 2/2" in out and "teacher_cls" in out
-    assert wsss.load_checkpoint(run / "teacher.pt")["epoch"] == 2
-
-
 # -----------------------------------------------------------------------------
 # Post-processing: the dense CRF against a brute-force oracle
 
@@ -732,7 +726,7 @@ def test_cams_to_masks():
     cams = torch.zeros(2, 1, 4, 4)
     cams[:, 0, :2] = 2.0
     cams[:, 0, 2, 0] = 0.5  # a quarter of the maximum: below the 0.3 threshold
-    norm = postprocess.normalize_cams(cams, torch.tensor([[1.0], [0.0]]))
+    norm = losses.normalize_maps(cams, torch.tensor([[1.0], [0.0]]))
     assert norm[0].max() == pytest.approx(1.0, abs=1e-4) and norm[1].abs().sum() == 0
     mask = postprocess.probs_to_mask(postprocess.cams_to_probs(norm, "threshold", 0.3))
     assert mask[0, :2].eq(1).all() and mask[0, 2:].eq(0).all() and mask[1].eq(0).all()
@@ -766,7 +760,7 @@ def tiny_run(tmp_path_factory, synth_dir) -> Path:
 def test_pseudo_writes_masks_overlays_and_scores(tiny_run, tmp_path, capsys):
     out = tmp_path / "masks"
     code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out",
-                                out, "--crf", "--fill", "--json")
+                                out, "--crf", "--coverage-fix", "--json")
     assert code == 0, err
     masks = [m for m in out.glob("*.png") if m.name != "overlays.png"]
     assert len(masks) == 6 and (out / "overlays.png").is_file()
@@ -804,17 +798,17 @@ def test_scores_on_hand_made_masks():
     pred[2:6, 2:4] = 1  # half of the square
     pred[6, 2] = 1  # one chimney pixel called smoke
     pred[0, 0] = 1  # inside ignore: not scored
-    s = wsss.Scores(1)
+    s = postprocess.Scores(1)
     s.add(pred, truth, context)
     r = s.result()
     assert r["smoke_iou"] == pytest.approx(100 * 8 / 17)  # 8 hits, 16 + 1 false positive
     assert r["precision"] == pytest.approx(100 * 8 / 9) and r["recall"] == pytest.approx(50)
     assert r["context_fp"] == pytest.approx(50)
     assert r["miou"] == pytest.approx((r["per_class_iou"][0] + r["smoke_iou"]) / 2)
-    perfect = wsss.Scores(1)
+    perfect = postprocess.Scores(1)
     perfect.add(truth.clamp(max=1).to(torch.uint8) * (truth == 1), truth)
     assert perfect.result()["boundary_f1"] == pytest.approx(100)
-    shifted = wsss.Scores(1)
+    shifted = postprocess.Scores(1)
     moved = torch.zeros(8, 8, dtype=torch.uint8)
     moved[2:6, 3:7] = 1  # one pixel off: within the 2-pixel tolerance
     shifted.add(moved, truth)
@@ -839,12 +833,11 @@ def test_eval_command(tmp_path, capsys, synth_dir):
 def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir):
     out = tmp_path / "ablation"
     args = ["ablate", "--data", synth_dir, "--out", out, "--quick", "--seeds", 0, 1, *TINY]
-    code, stdout, err = run_cli(capsys, *args, "--jobs", 2)
+    code, stdout, err = run_cli(capsys, *args)
     assert code == 0, err
     table = (out / "ablation.md").read_text()
     assert "teacher CAM (ResNet)" in table and "+ dense CRF" in table and " ± " in table
     assert "(val split, 2 seeds)" in table  # --quick scores the validation split
-    assert (out / "figure.png").is_file()
     runs = sorted(p.name for p in out.iterdir() if p.name.endswith(("seed0", "seed1")))
     assert runs == ["align_weight=0.0_seed0", "align_weight=0.0_seed1", "default_seed0",
                     "default_seed1"]
@@ -852,39 +845,9 @@ def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir
     a = wsss.load_checkpoint(out / "default_seed0" / "teacher.pt")["model"]
     b = wsss.load_checkpoint(out / "align_weight=0.0_seed0" / "teacher.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert "[8/8]" in stdout  # 4 runs trained, 4 scored, by two processes
     # A second call trains nothing: finished runs are reused.
     code, stdout, _ = run_cli(capsys, *args)
     assert code == 0 and "epoch 1/" not in stdout
-
-
-def test_ablation_rows_sharing_a_cam_pass_score_as_pseudo_does(tiny_run, tmp_path, capsys):
-    # score_rows computes the multi-scale CAMs once for rows that differ only after them
-    # (CRF, coverage fix); each row must still score exactly as `pseudo` with its flags.
-    base = wsss.read_run_config(tiny_run)
-    shared = wsss.score_rows(tiny_run, base, ["aligned", "crf", "fill", "teacher"], "val")
-    for name, flags in (("aligned", []), ("crf", ["--crf"]), ("fill", ["--fill"]),
-                        ("teacher", ["--cam-network", "teacher"])):
-        code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val",
-                                    "--out", tmp_path / name, "--json", *flags)
-        assert code == 0, err
-        assert wsss.json.loads(stdout.strip().splitlines()[-1]) == shared[name], name
-
-
-def test_eval_sweep_from_saved_cams(tiny_run, tmp_path, capsys, synth_dir):
-    out = tmp_path / "masks"
-    assert run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out", out,
-                   "--save-cams")[0] == 0
-    assert len(list((out / "cams").glob("*.npy"))) == 6
-    code, stdout, err = run_cli(capsys, "eval", "--data", synth_dir, "--split", "val", "--pred",
-                                out, "--sweep", "--json")
-    assert code == 0, err
-    sweep = wsss.json.loads(stdout)["sweep"]
-    assert len(sweep["curve"]) == 19
-    # The oracle picks each image's best threshold: never below the best single threshold's
-    # per-image mean.
-    best_mean = max(r["image_iou"] for r in sweep["curve"])
-    assert sweep["oracle_image_iou"] >= best_mean - 1e-9
 
 
 # -----------------------------------------------------------------------------
@@ -960,7 +923,7 @@ def test_segment_then_predict_end_to_end(tiny_run, tmp_path, capsys, synth_dir):
     (run / "segment.pt").unlink()
     code, out, err = run_cli(capsys, "predict", "--run", run, frames / "wide.jpg",
                              "--out", tmp_path / "cam")
-    assert code == 0 and "1 masks" in out and "student CAM" in out, err
+    assert code == 0 and "1 mask in" in out and "student CAM" in out, err
     assert set(np.unique(np.array(Image.open(tmp_path / "cam" / "wide.png")))) <= {0, 1}
 
 
@@ -1095,11 +1058,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     wa = wsss.load_checkpoint(single / "student.pt")["model"]
     wb = wsss.load_checkpoint(ddp / "student.pt")["model"]
     # Within 1e-3: the key bias has no true gradient (softmax ignores a shift shared by all
-    # keys), so Adam turns rounding noise there into steps of up to lr = 5e-4.
+    # keys), so Adam turns rounding noise there into steps of up to lr = 5e-4; elsewhere within
+    # a fifth of one step (Adam divides near-zero gradients by their own size too).
     assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa)
-    far = [k for k in wa if "qkv.bias" not in k and not torch.allclose(wa[k], wb[k], atol=3e-5)]
+    far = [k for k in wa if "qkv.bias" not in k and not torch.allclose(wa[k], wb[k], atol=1e-4)]
     assert not far, [(k, (wa[k] - wb[k]).abs().max().item()) for k in far]
-    assert len(list((ddp / "pseudo").glob("*.png"))) == 12
+    assert len(list((ddp / "pseudo_train").glob("*.png"))) == 12
     scores = wsss.json.loads((ddp / "scores.json").read_text())
     assert 0 <= scores["aligned student (ViT)"]["smoke_iou"] <= 100
     # Stage 3 under torchrun too: one checkpoint, one validation score.
@@ -1118,21 +1082,6 @@ def test_channels_last_training_runs(tmp_path, capsys, synth_dir):
     assert code == 0 and "smoke IoU" in out, err
 
 
-def test_memory_estimate_counts_parameters_and_scales_with_the_batch():
-    config = wsss.RunConfig(data="", model=wsss.ModelConfig(image_size=32, teacher_width=8,
-                                                            student_depth=2),
-                            train=wsss.TrainConfig(batch_size=2), loss=wsss.LossConfig(),
-                            cam=wsss.CamConfig())
-    small = wsss.training_memory(config)
-    large = wsss.training_memory(wsss.dataclasses.replace(
-        config, train=wsss.TrainConfig(batch_size=4)))
-    teacher = wsss.build_teacher(config.model, 1)
-    assert small[0]["parameters"] == models.count_parameters(teacher)
-    assert small[0]["state"] == 16 * models.count_parameters(teacher)  # 4 float32 copies
-    for a, b in zip(small, large):
-        assert 1.95 * a["activations"] < b["activations"] <= 2 * a["activations"]  # ~linear
-
-
 # -----------------------------------------------------------------------------
 # Bad settings and outputs: checked before any work, nothing read is ever deleted
 
@@ -1140,12 +1089,12 @@ def test_memory_estimate_counts_parameters_and_scales_with_the_batch():
 BAD_TRAIN_FLAGS = [
     ("--batch-size", "0"), ("--batch-size", "-4"), ("--lr", "-1"), ("--image-size", "0"),
     ("--image-size", "-32"), ("--output-stride", "5"), ("--device", "foo"),
-    ("--cam-batch-size", "0"), ("--seg-batch-size", "0"), ("--teacher-epochs", "0"),
-    ("--teacher-epochs", "-1"), ("--student-epochs", "0"), ("--seg-epochs", "-2"),
+    ("--cam-batch-size", "0"), ("--weight-decay", "-1"), ("--teacher-epochs", "0"),
+    ("--teacher-epochs", "-1"), ("--student-epochs", "0"), ("--consistency-weight", "-2"),
     ("--threshold", "1.5"), ("--threshold", "-1"), ("--cam-scales", "0"), ("--cam-scales", "-1"),
     ("--align-kind", "foo"), ("--align-reduce", "foo"), ("--align-target", "foo"),
     ("--cam-network", "foo"), ("--cam-method", "foo"), ("--background", "foo"),
-    ("--mode", "foo"), ("--amp", "foo"), ("--teacher", "foo"), ("--seg-network", "foo"),
+    ("--amp", "foo"), ("--teacher", "foo"), ("--student-head", "foo"),
     ("--crop", "0"), ("--image-size", "100"),  # not a multiple of the patch size
 ] + ([] if wsss.torch.cuda.is_available() else [("--device", "cuda")])
 
@@ -1287,6 +1236,6 @@ def test_pseudo_and_eval_agree_at_the_truths_resolution(tiny_run, synth_dir, tmp
 
 
 def test_scores_without_context_print_n_a():
-    r = wsss.Scores(1)
+    r = postprocess.Scores(1)
     r.add(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 4, dtype=torch.long))
     assert "chimney called smoke n/a %" in wsss.format_scores("x", r.result())

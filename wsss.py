@@ -1,21 +1,20 @@
-"""Weakly supervised smoke segmentation: the command line, the data, training and evaluation.
+"""Weakly supervised smoke segmentation with cross-architecture consistency regularization.
 
-Everything that touches the outside world lives here (argv, files, datasets, training loops,
-checkpoints, logs); models.py, losses.py and postprocess.py are pure libraries.
-Sections, top to bottom: processes -> config dataclasses -> data -> pretrained weights ->
-training -> CAMs -> evaluation -> stage 3 and prediction -> ablation -> benchmarks -> commands
--> __main__.
+In: a dataset folder of images with image-level labels ("this frame shows smoke"); masks, when
+present, are used only to score. Out: a run folder with the trained teacher (ResNet) and student
+(ViT), pseudo masks for every training image, overlays, and the masks' scores.
 
-    python wsss.py synth --out data/synth      # an industrial-smoke dataset, generated
-    python wsss.py prepare smoke5k SRC DST     # SMOKE5K photographs -> the folder format
-    python wsss.py train                       # the whole method on the embedded default data
+    python wsss.py train                       # the whole method, on generated scenes
+    python wsss.py train --preset quick        # the same in about a minute, to try it
     python wsss.py pseudo --run RUN --crf      # pseudo masks from a trained run
-    python wsss.py eval --data DIR --pred DIR  # scores against ground truth
-    python wsss.py ablate --quick              # the paper's comparisons
-    python wsss.py segment --run RUN           # stage 3: a segmentation network on pseudo masks
+    python wsss.py segment --run RUN           # stage 3: a segmentation network on them
     python wsss.py predict --run RUN --input D # masks and overlays for any images
-    torchrun --nproc_per_node N wsss.py train  # the same, on N processes
-    python wsss.py bench models|crf            # speed and fidelity against references
+    python wsss.py eval --data DIR --pred DIR  # scores against ground truth
+    python wsss.py ablate                      # the paper's comparisons over seeds
+    python wsss.py synth | prepare | bench crf # data generation, SMOKE5K import, CRF benchmark
+    torchrun --nproc_per_node N wsss.py train  # the same on N processes
+
+RUN may be `latest` (the newest folder under runs/).
 """
 
 import argparse
@@ -46,219 +45,116 @@ from torchvision.transforms import v2
 import losses
 import models
 import postprocess
+from postprocess import IGNORE
 
-IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_DATA = Path("data/synth")  # where `train` generates the embedded dataset on first use
+DEFAULT_DATA = Path("data/synth")  # where `train` generates the default dataset on first use
+RUNS = Path("runs")  # where `train` puts a run folder unless --out names one
 
 
 class DataError(Exception):
-    """Bad input a user can fix: the CLI prints it as one line and exits with code 2."""
+    """Bad input or settings a user can fix: printed as one line, exit code 2."""
 
 
-def mps_available() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu; anything else is
-    passed to torch.device."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available here (use auto or cpu)")
-    if name == "mps" and not mps_available():
-        raise DataError("--device mps: no MPS device is available here (use auto or cpu)")
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if mps_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-# --- processes: one, or several started by torchrun ----------------------------------------
-
-
-def world() -> tuple[int, int]:
-    """(rank, number of processes): (0, 1) unless torchrun started this process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed() -> bool:
-    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
-    LOCAL_RANK, MASTER_ADDR): NCCL between GPUs, gloo between CPU processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
-
-
-def on_first_process(fn):
-    """fn() on the first process only (the one that writes files); every process gets its
-    result, or its DataError, so that no process waits for one that has failed."""
-    result, error = None, None
-    if world()[0] == 0:
-        try:
-            result = fn()
-        except DataError as e:
-            error = str(e)
-    if world()[1] > 1:
-        box = [result, error]
-        dist.broadcast_object_list(box, src=0)
-        result, error = box
-    if error is not None:
-        raise DataError(error)
-    return result
-
-
-def global_mean(values: torch.Tensor) -> torch.Tensor:
-    """The mean over processes of a tensor each process holds (itself with one process)."""
-    if world()[1] > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= world()[1]
-    return values
-
-
-# -----------------------------------------------------------------------------
-# Config dataclasses. Each field's metadata["help"] becomes its --flag's help.
+# =============================================================================================
+# The method, in the paper's order: settings -> data -> teacher -> student -> CAM -> mask
+# =============================================================================================
 
 
 def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass
-class SynthConfig:
-    n_train: int = field(default=1000, metadata=_help("training images"))
-    n_val: int = field(default=200, metadata=_help("validation images"))
-    size: int = field(default=128, metadata=_help("image side in pixels"))
-    positive_share: float = field(default=0.5, metadata=_help("share of images with an emission"))
-    coupling: float = field(default=0.6, metadata=_help(
-        "spurious correlation in the training split: the probability that a smoke-free image "
-        "has no chimney (1 = chimneys appear only with smoke)"))
-    val_coupling: float = field(default=0.2, metadata=_help(
-        "the same for the validation split; lower, so that chimney bias shows in the scores"))
-    seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same files"))
-
-
-@dataclass
-class PrepareConfig:
-    tile: int = field(default=128, metadata=_help("tile side in pixels"))
-    min_share: float = field(default=0.02, metadata=_help(
-        "a tile is a positive when at least this share of its pixels is smoke"))
-    val_share: float = field(default=0.2, metadata=_help(
-        "share of photographs held out for the validation split (all tiles of a photo together)"))
-    seed: int = field(default=0, metadata=_help("seed of the train/val split of photographs"))
+    return {"help": text}  # a field's metadata: the help of its --flag
 
 
 @dataclass
 class ModelConfig:
-    teacher: str = field(default="resnet18", metadata=_help(
-        "teacher backbone: resnet18, resnet34, resnet50 or resnet101"))
+    teacher: str = field(default="resnet18", metadata=_help("teacher ResNet"))
     teacher_width: int = field(default=32, metadata=_help(
         "channels of the teacher's first stage (64 = the standard ResNet)"))
-    output_stride: int = field(default=8, metadata=_help("teacher output stride: 8, 16 or 32"))
+    output_stride: int = field(default=8, metadata=_help("teacher output stride"))
     pcm: bool = field(default=False, metadata=_help(
-        "refine the teacher's CAM with SEAM's pixel correlation module"))
-    student: str = field(default="vit_tiny", metadata=_help(
-        "student backbone: vit_tiny, vit_small or vit_base"))
+        "refine the teacher's CAM with SEAM's pixel correlation module (PCM)"))
+    student: str = field(default="vit_tiny", metadata=_help("student ViT"))
     student_depth: int = field(default=6, metadata=_help("transformer blocks of the student"))
     student_stem: str = field(default="conv", metadata=_help(
         "student tokenizer: patch (linear patchify, the paper) or conv (stride-2 3x3 convs)"))
     student_head: str = field(default="cam", metadata=_help(
         "student classifier: token (class-token head, the paper) or cam (the mean of its "
-        "projected map, so the aligned map is the one read out)"))
-    patch_size: int = field(default=8, metadata=_help("student patch size"))
+        "projected map, so that the aligned map is the one read out)"))
+    patch_size: int = field(default=8, metadata=_help("student patch size in pixels"))
     image_size: int = field(default=128, metadata=_help("training image side in pixels"))
     teacher_weights: str = field(default="", metadata=_help(
-        "local file of pretrained teacher backbone weights (torchvision names)"))
+        "local file of pretrained teacher weights (torchvision names)"))
     student_weights: str = field(default="", metadata=_help(
-        "local file of pretrained student backbone weights (timm or torchvision names)"))
+        "local file of pretrained student weights (timm or torchvision names)"))
 
-    def architecture(self) -> "ModelConfig":
-        """These networks without pretrained-weight files: for building networks whose
-        weights come from a checkpoint (or are only counted)."""
+    def without_weights(self) -> "ModelConfig":
+        """The same networks without weight files: for networks a checkpoint fills."""
         return dataclasses.replace(self, teacher_weights="", student_weights="")
 
 
 @dataclass
 class TrainConfig:
-    mode: str = field(default="distill", metadata=_help(
-        "distill: train the teacher, freeze it, then the student (the paper); "
-        "co-train: both from scratch together"))
-    teacher_epochs: int = field(default=8, metadata=_help("epochs of the teacher stage"))
-    student_epochs: int = field(default=8, metadata=_help("epochs of the student stage"))
+    teacher_epochs: int = field(default=8, metadata=_help("epochs of stage 1, the teacher"))
+    student_epochs: int = field(default=8, metadata=_help("epochs of stage 2, the student"))
     batch_size: int = field(default=16, metadata=_help("images a step"))
     lr: float = field(default=5e-4, metadata=_help(
-        "AdamW peak learning rate: linear warm-up over the first epoch, then cosine decay"))
+        "AdamW peak learning rate: warm-up over the first epoch, then cosine decay"))
     weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
     flip: bool = field(default=True, metadata=_help("random horizontal flips (the paper: none)"))
     crop: float = field(default=0.7, metadata=_help(
-        "random resized crops covering at least this share of the image (1 = none, the paper)"))
-    amp: str = field(default="auto", metadata=_help(
-        "mixed precision: auto (bf16 where the device supports it), bf16, fp16 (CUDA) or off"))
+        "random resized crops keep at least this share of the image (1 = none, the paper)"))
+    baseline: bool = field(default=True, metadata=_help(
+        "also train the student alone (lambda = 0), scored beside the aligned student"))
     seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
-    device: str = field(default="auto", metadata=_help("cuda, mps, cpu or auto"))
+    amp: str = field(default="auto", metadata=_help(
+        "mixed precision; auto: bf16 where the device runs it fast"))
+    device: str = field(default="auto", metadata=_help("auto: cuda, then mps, then cpu"))
     workers: int = field(default=0, metadata=_help("data loader worker processes"))
     channels_last: bool = field(default=False, metadata=_help(
-        "channels-last memory format for images and ResNets: faster convolutions on CUDA"))
-    compile: bool = field(default=False, metadata=_help(
-        "torch.compile the trained networks (the first steps are slow while it compiles)"))
+        "channels-last images and ResNets: faster convolutions on CUDA"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the trained networks"))
     log_every: int = field(default=20, metadata=_help("steps between progress lines"))
-    baseline: bool = field(default=True, metadata=_help(
-        "also train the student alone (lambda = 0), scored beside the teacher and the aligned "
-        "student"))
 
 
 @dataclass
 class LossConfig:
     align_weight: float = field(default=1.0, metadata=_help(
-        "lambda, the weight of the alignment loss (0 = the student alone)"))
-    align_kind: str = field(default="cosine", metadata=_help("alignment: cosine, l1 or l2"))
+        "lambda, the weight of L_align (0 = the student alone)"))
+    align_kind: str = field(default="cosine", metadata=_help("distance of L_align"))
     align_reduce: str = field(default="global", metadata=_help(
-        "cosine over the whole map (global), each channel's map, or each location's channels"))
+        "cosine over the whole map, each channel's map, or each location's channels"))
     align_target: str = field(default="pair", metadata=_help(
         "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
-        "label-gated (background, foreground) pair"))
+        "label-gated (background, smoke) pair"))
     consistency_weight: float = field(default=1.0, metadata=_help(
-        "mu, the weight of the flip + rescale consistency loss of the student's maps"))
+        "mu, the weight of L_cons, the flip + rescale consistency of the student's map"))
     consistency_scale: float = field(default=0.75, metadata=_help(
-        "rescale factor of the consistency loss's augmented view"))
+        "rescale factor of L_cons's augmented view"))
 
 
 @dataclass
 class CamConfig:
     cam_network: str = field(default="student", metadata=_help(
-        "whose CAMs become pseudo masks: student or teacher"))
+        "whose CAMs become pseudo masks"))
     cam_method: str = field(default="proj", metadata=_help(
-        "student CAM: gradcam (on the last block's norm1, the paper) or proj (its projected "
-        "class map, the map the alignment trains)"))
+        "the student's CAM: gradcam (Grad-CAM of its last block, the paper) or proj (its "
+        "projected class map, the map L_align trains)"))
     cam_scales: tuple[float, ...] = field(default=(1.0,), metadata=_help(
-        "input scales averaged (the paper: 0.5 1 1.5 2)"))
-    cam_flip: bool = field(default=True, metadata=_help("also average the horizontally flipped input"))
+        "input scales summed (the paper: 0.5 1 1.5 2)"))
+    cam_flip: bool = field(default=True, metadata=_help("also sum the mirrored input's CAM"))
     threshold: float = field(default=0.7, metadata=_help(
-        "a pixel is smoke where its max-normalised CAM exceeds this (the paper: 0.3; 0.7 was "
-        "chosen on the synthetic validation split)"))
-    cam_batch_size: int = field(default=32, metadata=_help("images a batch when computing CAMs"))
+        "a pixel is smoke where its max-normalised CAM exceeds this (the paper: 0.3; 0.7 "
+        "was picked on the synthetic validation split)"))
+    cam_batch_size: int = field(default=32, metadata=_help("images a batch for CAMs"))
 
 
 @dataclass
 class RefineConfig:
     background: str = field(default="threshold", metadata=_help(
-        "background score: threshold (the constant --threshold) or power ((1 - max cam)^alpha, "
-        "psa's, for the CRF)"))
+        "background score: threshold (the constant --threshold) or power ((1 - max CAM)^alpha, "
+        "the CRF's usual unary)"))
     alpha: float = field(default=8.0, metadata=_help("exponent of the power background"))
     crf: bool = field(default=False, metadata=_help("refine with the dense CRF"))
     crf_iters: int = field(default=10, metadata=_help("mean-field iterations"))
@@ -269,12 +165,12 @@ class RefineConfig:
     crf_srgb: float = field(default=13.0, metadata=_help("colour kernel's colour width"))
     crf_compat_bilateral: float = field(default=10.0, metadata=_help("colour kernel weight"))
     ignore_band: float = field(default=0.0, metadata=_help(
-        "pixels whose two best scores differ by less than this become 255 (ignore), for "
-        "stage-3 training (CLIP-ES); scoring counts them as background"))
-    fill: bool = field(default=False, metadata=_help(
-        "the coverage fix: a random walk of the CAMs over the student's attention affinities"))
-    fill_steps: int = field(default=2, metadata=_help("random-walk steps of the coverage fix"))
-    fill_beta: float = field(default=2.0, metadata=_help(
+        "pixels whose two best scores differ by less than this are left out (255) of stage-3 "
+        "training; scoring counts them as background"))
+    coverage_fix: bool = field(default=False, metadata=_help(
+        "the coverage fix: spread the CAM over the student's attention affinities"))
+    coverage_steps: int = field(default=2, metadata=_help("random-walk steps of the fix"))
+    coverage_beta: float = field(default=2.0, metadata=_help(
         "power that sharpens the attention affinities"))
 
 
@@ -284,13 +180,11 @@ class SegmentConfig:
         "stage-3 network: resnet (DeepLabv3 on the teacher's ResNet) or vit (a linear decoder "
         "on the student's ViT)"))
     seg_targets: str = field(default="pseudo", metadata=_help(
-        "pseudo: train on the pseudo masks in --seg-masks; truth: on the ground-truth masks "
-        "(the fully supervised upper bound)"))
+        "pseudo: the pseudo masks in --seg-masks; truth: the ground truth (the upper bound)"))
     seg_masks: str = field(default="", metadata=_help(
-        "folder of pseudo masks <stem>.png, 255 = ignore (default: RUN/pseudo)"))
+        "folder of pseudo masks <stem>.png, 255 = ignore (empty: RUN/pseudo_train)"))
     seg_init: str = field(default="run", metadata=_help(
-        "run: start from the run's trained backbone (teacher's ResNet or student's ViT); "
-        "scratch: random initialisation"))
+        "run: start from the run's trained backbone; scratch: random initialisation"))
     seg_epochs: int = field(default=12, metadata=_help("epochs of stage 3"))
     seg_batch_size: int = field(default=16, metadata=_help("images a step in stage 3"))
     seg_lr: float = field(default=5e-4, metadata=_help("AdamW peak learning rate of stage 3"))
@@ -298,12 +192,41 @@ class SegmentConfig:
 
 CONFIGS = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "cam": CamConfig,
            "refine": RefineConfig, "segment": SegmentConfig}
+FIELDS = {f.name: (part, f) for part, cls in CONFIGS.items() for f in dataclasses.fields(cls)}
 
-# Presets: overrides of the defaults above. "cpu" (the defaults) fits a 2-core laptop in
-# minutes. "faithful" is the paper's recipe on the same small networks: no augmentation,
+
+@dataclass
+class RunConfig:
+    """Every setting of a run: RUN/config.json, and a copy in each checkpoint."""
+    data: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        parts = {}
+        for name, part in CONFIGS.items():
+            values = dict(d.get(name, {}))
+            for f in dataclasses.fields(part):
+                if f.name in values and getattr(f.type, "__origin__", None) is tuple:
+                    values[f.name] = tuple(values[f.name])  # JSON gives lists
+            parts[name] = part(**values)
+        return cls(data=d["data"], **parts)
+
+
+# Presets: overrides of the defaults above. "cpu" (the defaults) trains on a 2-core laptop in
+# minutes. "faithful" is the paper's recipe on the same small networks: no augmentation, a
 # class-token student with a patchify stem, raw-map cosine alignment, no consistency loss,
 # Grad-CAM over four scales, threshold 0.3. "paper" is that recipe at the paper's size
 # (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8, 3 epochs).
+# "quick" is the default recipe cut to run in about a minute (to try the tool, not to score).
 FAITHFUL = {
     "model": dict(student_stem="patch", student_head="token"),
     "train": dict(flip=False, crop=1.0),
@@ -312,6 +235,7 @@ FAITHFUL = {
 }
 PRESETS = {
     "cpu": {},
+    "quick": {"model": dict(image_size=64), "train": dict(teacher_epochs=2, student_epochs=2)},
     "faithful": FAITHFUL,
     "paper": {
         "model": dict(FAITHFUL["model"], teacher="resnet50", teacher_width=64, output_stride=16,
@@ -325,102 +249,14 @@ PRESETS = {
 }
 
 
-# What each setting allows, in one place: a tuple of choices, or a numeric range
-# (low, high, low_open): low <= v <= high, or low < v with low_open. None = unbounded.
-# The parser enforces the choices; check_settings() enforces all of it, flags or config.json.
-CHOICES = {
-    "teacher": ("resnet18", "resnet34", "resnet50", "resnet101"), "output_stride": (8, 16, 32),
-    "student": ("vit_tiny", "vit_small", "vit_base"), "student_stem": ("patch", "conv"),
-    "student_head": ("token", "cam"), "mode": ("distill", "co-train"),
-    "amp": ("auto", "bf16", "fp16", "off"), "device": ("auto", "cpu", "cuda", "mps"),
-    "align_kind": losses.ALIGN_KINDS, "align_reduce": losses.ALIGN_REDUCES,
-    "align_target": losses.ALIGN_TARGETS, "cam_network": ("student", "teacher"),
-    "cam_method": ("proj", "gradcam"), "background": ("threshold", "power"),
-    "seg_network": ("resnet", "vit"), "seg_targets": ("pseudo", "truth"),
-    "seg_init": ("run", "scratch"),
-}
-POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = (0, None, True), (0, None, False), (1, None, False)
-SHARE, PIXELS = (0, 1, False), (16, None, False)
-RANGES = {
-    "n_train": AT_LEAST_ONE, "n_val": NON_NEGATIVE, "size": PIXELS, "positive_share": SHARE,
-    "coupling": SHARE, "val_coupling": SHARE, "tile": PIXELS, "min_share": SHARE,
-    "val_share": SHARE, "teacher_width": AT_LEAST_ONE, "student_depth": AT_LEAST_ONE,
-    "patch_size": AT_LEAST_ONE, "image_size": PIXELS, "teacher_epochs": AT_LEAST_ONE,
-    "student_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE,
-    "weight_decay": NON_NEGATIVE, "crop": (0, 1, True), "workers": NON_NEGATIVE,
-    "log_every": AT_LEAST_ONE, "align_weight": NON_NEGATIVE, "consistency_weight": NON_NEGATIVE,
-    "consistency_scale": POSITIVE, "cam_scales": POSITIVE, "threshold": SHARE,
-    "cam_batch_size": AT_LEAST_ONE, "alpha": POSITIVE, "crf_iters": AT_LEAST_ONE,
-    "crf_sxy_gaussian": POSITIVE, "crf_compat_gaussian": NON_NEGATIVE,
-    "crf_sxy_bilateral": POSITIVE, "crf_srgb": POSITIVE, "crf_compat_bilateral": NON_NEGATIVE,
-    "ignore_band": NON_NEGATIVE, "fill_steps": AT_LEAST_ONE, "fill_beta": POSITIVE,
-    "seg_epochs": AT_LEAST_ONE, "seg_batch_size": AT_LEAST_ONE, "seg_lr": POSITIVE,
-}
+def preset_config(name: str, data: str = "") -> RunConfig:
+    """The settings of a preset (the defaults with its overrides)."""
+    preset = PRESETS[name]
+    return RunConfig(data=data, **{part: cls(**preset.get(part, {}))
+                                   for part, cls in CONFIGS.items()})
 
 
-def allowed(name: str) -> str:
-    """What a setting allows, in words."""
-    if name in CHOICES:
-        return "one of " + ", ".join(str(c) for c in CHOICES[name])
-    low, high, low_open = RANGES[name]
-    if high is not None:
-        return f"{'above' if low_open else 'at least'} {low} and at most {high}"
-    return f"{'above' if low_open else 'at least'} {low}"
-
-
-def check_value(name: str, value) -> None:
-    """DataError naming the flag, the value and what is allowed, when `value` is not allowed."""
-    bad = False
-    if name in CHOICES:
-        bad = value not in CHOICES[name]
-    elif name in RANGES:
-        low, high, low_open = RANGES[name]
-        for v in (value if isinstance(value, tuple) else (value,)):
-            bad |= v < low or (low_open and v == low) or (high is not None and v > high)
-        bad |= isinstance(value, tuple) and not value
-    if bad:
-        shown = " ".join(str(v) for v in value) if isinstance(value, tuple) else value
-        raise DataError(f"--{name.replace('_', '-')} {shown}: must be {allowed(name)}")
-
-
-def check_settings(*configs) -> None:
-    """Every field of the given config dataclasses (or of a RunConfig's parts) is allowed."""
-    for config in configs:
-        if isinstance(config, RunConfig):
-            check_settings(*(getattr(config, name) for name in CONFIGS))
-            continue
-        for f in dataclasses.fields(config):
-            check_value(f.name, getattr(config, f.name))
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One --flag per dataclass field, typed from the field, help from its metadata."""
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        text = f"{f.metadata.get('help', '')} (default: {default})"
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif getattr(f.type, "__origin__", None) is tuple:
-            item = f.type.__args__[0]
-            parser.add_argument(flag, type=item, nargs="+", default=None, help=text)
-        else:
-            parser.add_argument(flag, type=f.type, default=None, help=text,
-                                choices=CHOICES.get(f.name))
-
-
-def config_from_args(cls: type, args: argparse.Namespace, base=None):
-    """The dataclass with every flag the user gave applied over `base` (or the defaults)."""
-    config = base if base is not None else cls()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
-             if getattr(args, f.name, None) is not None}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return dataclasses.replace(config, **given)
-
-
-# -----------------------------------------------------------------------------
-# Data: the folder format, its reader, the synthetic scene generator, the SMOKE5K importer.
-#
+# --- data: a folder of images, image-level labels, and (for scoring only) masks --------------
 #   DIR/classes.txt            foreground class names, one a line (background is index 0)
 #   DIR/train.txt, DIR/val.txt "<stem> [class ...]" a line (no class = background only)
 #   DIR/images/<stem>.png|jpg  RGB (other modes are converted; any size)
@@ -607,6 +443,782 @@ class SmokeDataset(Dataset):
             self[i]
 
 
+# --- the two networks ----------------------------------------------------------------------
+
+
+def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
+    """A ResNet CAM classifier: its class maps are its CAMs (Zhou et al. 2016)."""
+    backbone = getattr(models, config.teacher)(num_classes=0, output_stride=config.output_stride,
+                                               width=config.teacher_width)
+    if config.teacher_weights:
+        load_weights(backbone, Path(config.teacher_weights), "teacher")
+    return models.Teacher(backbone, num_classes, pcm=config.pcm)
+
+
+def build_student(config: ModelConfig, num_classes: int) -> models.Student:
+    """A ViT whose patch tokens, projected, give a (background, class 1..K) map."""
+    # A CAM-head student classifies with its projected map: no class-token head to train.
+    head_classes = num_classes if config.student_head == "token" else 0
+    backbone = getattr(models, config.student)(
+        img_size=config.image_size, patch_size=config.patch_size, depth=config.student_depth,
+        num_classes=head_classes, stem=config.student_stem)
+    if config.student_weights:
+        load_weights(backbone, Path(config.student_weights), "student")
+    return models.Student(backbone, num_classes, head=config.student_head)
+
+
+def freeze(net: torch.nn.Module) -> torch.nn.Module:
+    """Eval mode (BatchNorm statistics fixed) and no gradients: the frozen teacher, or any
+    network once trained."""
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+# --- stage 1: the teacher learns to classify -----------------------------------------------
+
+
+def teacher_loss(batch: dict, nets: dict) -> dict:
+    """L_cls = BCE(GAP(teacher CAM), y): the teacher is a CAM classifier."""
+    logits, _ = nets["teacher"](batch["image"])  # (B, K); the maps (B, K, h, w) unused
+    loss = losses.classification_loss(logits, batch["label"])
+    return {"loss": loss, "cls": loss}
+
+
+# --- stage 2: the student learns to classify, aligned to the frozen teacher ------------------
+
+
+def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
+                 images: torch.Tensor, labels: torch.Tensor, config: LossConfig) -> dict:
+    """L = L_cls + lambda * L_align + mu * L_cons for one batch (the paper's Eq. 4 and its
+    consistency regularization). `teacher`: frozen, or None for the student alone."""
+    logits, maps = student(images)  # (B, K), (B, 1+K, h, w): background channel first
+    terms = {"cls": losses.classification_loss(logits, labels)}
+    if teacher is not None and config.align_weight > 0:
+        with torch.no_grad():  # the teacher only gives the target
+            _, teacher_maps = teacher(images)  # (B, K, h', w')
+        target = losses.alignment_target(teacher_maps, labels, config.align_target)
+        aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
+        terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
+                                               config.align_reduce)
+    if config.consistency_weight > 0:  # the map of a flipped, rescaled view = that view's map
+        p = getattr(student, "module", student).backbone.patch_size
+        side = max(p, round(images.shape[-1] * config.consistency_scale / p) * p)
+        flip = bool(torch.rand(()) < 0.5)
+        _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
+        terms["cons"] = losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
+            maps[:, 1:], maps_aug.shape[-2:], flip))
+    terms["loss"] = (terms["cls"] + config.align_weight * terms.get("align", 0.0)
+                     + config.consistency_weight * terms.get("cons", 0.0))
+    return terms
+
+
+def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
+                   log: "Log") -> tuple[models.Teacher, models.Student]:
+    """Stage 1, the teacher; freeze it; stage 2, the student aligned to it."""
+    k = len(dataset.classes)
+    torch.manual_seed(config.train.seed)
+    teacher = build_teacher(config.model, k).to(device)
+    student = build_student(config.model, k).to(device)
+    log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
+        f"parameters; student {config.model.student}: "
+        f"{models.count_parameters(student) / 1e6:.2f} M parameters")
+    train_stage("teacher", {"teacher": teacher}, teacher_loss, dataset, run, config,
+                config.train.teacher_epochs, device, log)
+    freeze(teacher)
+
+    def step(batch, nets):
+        return student_loss(nets["student"], teacher, batch["image"], batch["label"],
+                            config.loss)
+
+    train_stage("student", {"student": student}, step, dataset, run, config,
+                config.train.student_epochs, device, log)
+    return teacher, freeze(student)
+
+
+def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
+                log: "Log") -> models.Student:
+    """The baseline: the same student and recipe without the teacher (lambda = 0), so that
+    the alignment's effect is the difference of two students (RUN/alone.pt)."""
+    torch.manual_seed(config.train.seed)
+    alone = build_student(config.model, len(dataset.classes)).to(device)
+
+    def step(batch, nets):
+        return student_loss(nets["alone"], None, batch["image"], batch["label"], config.loss)
+
+    train_stage("alone", {"alone": alone}, step, dataset, run, config,
+                config.train.student_epochs, device, log)
+    return freeze(alone)
+
+
+# --- from CAMs to pseudo masks: batch_cams -> refine, for a split: pseudo_masks -------------
+
+
+def cam_function(config: CamConfig, teacher: models.Teacher | None,
+                 student: models.Student | None):
+    """(images (B,3,H,W) -> CAMs (B,K,h,w), the side multiple its inputs need)."""
+    if config.cam_network == "teacher":
+        return (lambda x: teacher(x)[1].float()), 1
+    if config.cam_method == "gradcam":
+        return student.gradcam, student.backbone.patch_size
+    return (lambda x: student(x)[1][:, 1:].float()), student.backbone.patch_size  # fg channels
+
+
+def batch_cams(batch: dict, cam: CamConfig, refine_config: RefineConfig, teacher, student,
+               device: torch.device, amp: str = "off") -> torch.Tensor:
+    """A batch's CAMs (B,K,H,W) at its input size: summed over scales and mirror images,
+    spread by the coverage fix when asked, max-normalised to [0, 1], zero for the classes an
+    image's label lacks."""
+    fn, multiple = cam_function(cam, teacher, student)
+    images = batch["image"].to(device)
+    with torch.no_grad(), autocast(amp, device):
+        cams = postprocess.multiscale_cam(fn, images, cam.cam_scales, cam.cam_flip, multiple)
+    if refine_config.coverage_fix:
+        cams = postprocess.coverage_fix(student, images, cams, refine_config.coverage_steps,
+                                        refine_config.coverage_beta)
+    return losses.normalize_maps(cams, batch["label"].to(device))
+
+
+def refine(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,
+           config: RefineConfig) -> torch.Tensor:
+    """Normalised CAMs (B,K,H,W) -> masks (B,H,W) uint8: a background score, the dense CRF
+    when asked, the best score a pixel."""
+    probs = postprocess.cams_to_probs(cams, config.background, cam.threshold, config.alpha)
+    if config.crf:
+        probs = postprocess.dense_crf(
+            rgb.to(probs.device), probs, iters=config.crf_iters,
+            sxy_gaussian=config.crf_sxy_gaussian, compat_gaussian=config.crf_compat_gaussian,
+            sxy_bilateral=config.crf_sxy_bilateral, srgb=config.crf_srgb,
+            compat_bilateral=config.crf_compat_bilateral)
+    return postprocess.probs_to_mask(probs, config.ignore_band)
+
+
+def pseudo_masks(dataset: "SmokeDataset", cam: CamConfig, refine_config: RefineConfig,
+                 teacher, student, device: torch.device, amp: str = "off"):
+    """Yield (batch, CAMs (B,K,H,W), masks (B,H,W) uint8) for every image of the split (under
+    torchrun, for this process's share)."""
+    rank, size = world()
+    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), size))
+    for batch in torch.utils.data.DataLoader(share, batch_size=cam.cam_batch_size):
+        cams = batch_cams(batch, cam, refine_config, teacher, student, device, amp)
+        yield batch, cams.cpu(), refine(batch["rgb"], cams, cam, refine_config).cpu()
+
+
+# --- scores ----------------------------------------------------------------------------------
+
+
+def score_batch(scores: postprocess.Scores, masks: torch.Tensor, batch: dict,
+                dataset: "SmokeDataset") -> None:
+    """Masks (B,H,W) at the network's size, scored as they are written: at each ground truth's
+    own size (so that `train`, `pseudo` and `eval` agree on the same masks)."""
+    for i, mask in enumerate(masks):
+        size = tuple(batch["size"][i].tolist())
+        if tuple(mask.shape) == size:  # the batch holds the truth at its own size
+            scores.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
+                       else None)
+        else:
+            scores.add(postprocess.resize_mask(mask, size), *dataset.truth(batch["stem"][i]))
+
+
+def score_masks(dataset: "SmokeDataset", cam: CamConfig, refine_config: RefineConfig,
+                teacher, student, device: torch.device, amp: str) -> dict:
+    """Scores of one network's pseudo masks over a split, without writing files."""
+    scores = postprocess.Scores(len(dataset.classes))
+    for batch, _, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
+                                        amp):
+        score_batch(scores, masks, batch, dataset)
+    return gather_scores(scores).result()
+
+
+def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
+                       ) -> float:
+    """The network's L_cls over a split (float32): how well it has learned the labels."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in torch.utils.data.DataLoader(dataset, batch_size=64):
+            logits = net(batch["image"].to(device))[0].float()
+            labels = batch["label"].to(device)
+            total += losses.classification_loss(logits, labels).item() * labels.numel()
+            count += labels.numel()
+    return total / count
+
+
+def format_scores(name: str, r: dict) -> str:
+    def f(key: str) -> str:  # a figure without pixels to count (no context masks) is n/a
+        return "n/a" if math.isnan(r[key]) else f"{r[key]:.1f}"
+    return (f"{name}: smoke IoU {f('smoke_iou')}  mIoU {f('miou')}  "
+            f"precision {f('precision')}  recall {f('recall')}  "
+            f"boundary F1 {f('boundary_f1')}  per-image IoU {f('image_iou')}  "
+            f"chimney called smoke {f('context_fp')} %"
+            + (f"  BCE {r['bce']:.3f}" if "bce" in r else ""))
+
+
+def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch.device,
+            log: "Log") -> None:
+    """The teacher's CAM, the student alone and the aligned student, one read-out for all,
+    scored on the validation split (RUN/scores.json)."""
+    split = "val" if (Path(config.data) / "val.txt").is_file() else "train"
+    dataset = SmokeDataset(config.data, split, size=config.model.image_size)
+    if not dataset.has_masks:
+        return
+    rows = {"teacher CAM (ResNet)": (dataclasses.replace(config.cam, cam_network="teacher"),
+                                     teacher),
+            "student alone (ViT)": (config.cam, alone),
+            "aligned student (ViT)": (config.cam, student)}
+    scores = {}
+    for name, (cam, net) in rows.items():
+        if net is not None:
+            scores[name] = score_masks(dataset, cam, config.refine, teacher, net, device,
+                                       config.train.amp)
+            scores[name]["bce"] = classification_bce(net, dataset, device)
+    log(f"pseudo masks of the {split} split ({len(dataset)} images) vs ground truth, one "
+        f"read-out for all (threshold {config.cam.threshold}, scales "
+        f"{list(config.cam.cam_scales)}; students' map: {config.cam.cam_method}):")
+    for name, r in scores.items():
+        log(format_scores(f"  {name:22s}", r))
+    if world()[0] == 0:
+        (run / "scores.json").write_text(json.dumps({"split": split, **scores}, indent=2) + "\n")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """The whole method: teacher, student (and the student alone), pseudo masks, scores."""
+    began = time.perf_counter()
+    run, config = start_run(args)
+    log = Log(run / "log.txt")
+    log(f"run {run}")
+    log(describe(config))
+    dataset = SmokeDataset(config.data, "train", size=config.model.image_size,
+                           flip=config.train.flip, crop=config.train.crop)
+    device = pick_device(config.train.device)
+    log(f"{config.data}: {len(dataset)} training images, classes {dataset.classes}; device "
+        f"{device}, autocast {autocast_dtype(config.train.amp, device)}")
+    teacher, student = train_networks(run, config, dataset, device, log)
+    alone = train_alone(run, config, dataset, device, log) if config.train.baseline else None
+    plain = SmokeDataset(config.data, "train", size=config.model.image_size)
+    write_pseudo_masks(plain, run / "pseudo_train", config.cam, config.refine, teacher, student,
+                       device, config.train.amp, run / "overlays.png")
+    log(f"pseudo masks: {run / 'pseudo_train'} ({len(plain)} PNGs), overlays: "
+        f"{run / 'overlays.png'}")
+    compare(run, config, teacher, student, alone, device, log)
+    log(f"wall time {time.perf_counter() - began:.0f} s, peak memory {peak_memory_mb():.0f} MB;"
+        f" next: `python wsss.py segment --run {run}`")
+
+
+# =============================================================================================
+# Machinery: settings checks, runs, processes, the training loop, files, data generation and
+# import, stage 3, prediction, the ablation, the CRF benchmark, the command line
+# =============================================================================================
+
+# --- settings: what each allows, in one place ------------------------------------------------
+# A tuple of choices, or a numeric range (low, high, low_open): low <= v <= high, or low < v
+# with low_open; None = unbounded. The parser enforces the choices; check_settings() all of it,
+# for flags and for a run's config.json alike.
+CHOICES = {
+    "teacher": ("resnet18", "resnet34", "resnet50", "resnet101"), "output_stride": (8, 16, 32),
+    "student": ("vit_tiny", "vit_small", "vit_base"), "student_stem": ("patch", "conv"),
+    "student_head": ("token", "cam"), "amp": ("auto", "bf16", "fp16", "off"),
+    "device": ("auto", "cpu", "cuda", "mps"), "align_kind": losses.ALIGN_KINDS,
+    "align_reduce": losses.ALIGN_REDUCES, "align_target": losses.ALIGN_TARGETS,
+    "cam_network": ("student", "teacher"), "cam_method": ("proj", "gradcam"),
+    "background": ("threshold", "power"), "seg_network": ("resnet", "vit"),
+    "seg_targets": ("pseudo", "truth"), "seg_init": ("run", "scratch"),
+}
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = (0, None, True), (0, None, False), (1, None, False)
+SHARE, PIXELS = (0, 1, False), (16, None, False)
+RANGES = {
+    "n_train": AT_LEAST_ONE, "n_val": NON_NEGATIVE, "size": PIXELS, "positive_share": SHARE,
+    "coupling": SHARE, "val_coupling": SHARE, "tile": PIXELS, "min_share": SHARE,
+    "val_share": SHARE, "teacher_width": AT_LEAST_ONE, "student_depth": AT_LEAST_ONE,
+    "patch_size": AT_LEAST_ONE, "image_size": PIXELS, "teacher_epochs": AT_LEAST_ONE,
+    "student_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "crop": (0, 1, True), "workers": NON_NEGATIVE,
+    "log_every": AT_LEAST_ONE, "align_weight": NON_NEGATIVE, "consistency_weight": NON_NEGATIVE,
+    "consistency_scale": POSITIVE, "cam_scales": POSITIVE, "threshold": SHARE,
+    "cam_batch_size": AT_LEAST_ONE, "alpha": POSITIVE, "crf_iters": AT_LEAST_ONE,
+    "crf_sxy_gaussian": POSITIVE, "crf_compat_gaussian": NON_NEGATIVE,
+    "crf_sxy_bilateral": POSITIVE, "crf_srgb": POSITIVE, "crf_compat_bilateral": NON_NEGATIVE,
+    "ignore_band": NON_NEGATIVE, "coverage_steps": AT_LEAST_ONE, "coverage_beta": POSITIVE,
+    "seg_epochs": AT_LEAST_ONE, "seg_batch_size": AT_LEAST_ONE, "seg_lr": POSITIVE,
+}
+
+
+def allowed(name: str) -> str:
+    """What a setting allows, in words."""
+    if name in CHOICES:
+        return "one of " + ", ".join(str(c) for c in CHOICES[name])
+    low, high, low_open = RANGES[name]
+    bound = f"{'above' if low_open else 'at least'} {low}"
+    return bound if high is None else f"{bound} and at most {high}"
+
+
+def check_value(name: str, value) -> None:
+    """DataError naming the flag, the value and what is allowed, when `value` is not allowed."""
+    bad = False
+    if name in CHOICES:
+        bad = value not in CHOICES[name]
+    elif name in RANGES:
+        low, high, low_open = RANGES[name]
+        for v in (value if isinstance(value, tuple) else (value,)):
+            bad |= v < low or (low_open and v == low) or (high is not None and v > high)
+        bad |= isinstance(value, tuple) and not value
+    if bad:
+        shown = " ".join(str(v) for v in value) if isinstance(value, tuple) else value
+        raise DataError(f"--{name.replace('_', '-')} {shown}: must be {allowed(name)}")
+
+
+def check_settings(*configs) -> None:
+    """Every field of the given config dataclasses (or of a RunConfig's parts) is allowed."""
+    for config in configs:
+        parts = [getattr(config, n) for n in CONFIGS] if isinstance(config, RunConfig) else [config]
+        for part in parts:
+            for f in dataclasses.fields(part):
+                check_value(f.name, getattr(part, f.name))
+
+
+def check_run_config(config: RunConfig) -> None:
+    """Every setting allowed, the settings that depend on each other consistent, the device
+    present: before a folder is made or a network trained."""
+    check_settings(config)
+    m = config.model
+    if m.image_size % m.patch_size:
+        raise DataError(f"--image-size {m.image_size}: must be a multiple of --patch-size "
+                        f"{m.patch_size}")
+    if m.student_stem == "conv" and m.patch_size & (m.patch_size - 1):
+        raise DataError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
+                        f"(or --student-stem patch)")
+    autocast_dtype(config.train.amp, pick_device(config.train.device))  # fp16 needs CUDA
+
+
+def describe(config: RunConfig) -> str:
+    """The settings, one line a part, for the log."""
+    return "\n".join([f"  data: {config.data}"] + [
+        f"  {name}: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(
+            getattr(config, name)).items()) for name in CONFIGS])
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+def run_path(text: str) -> Path:
+    """A run folder named on the command line; `latest` is the newest under runs/."""
+    if text != "latest":
+        return Path(text)
+    runs = [p for p in RUNS.glob("*") if (p / "config.json").is_file()] if RUNS.is_dir() else []
+    if not runs:
+        raise DataError(f"latest: no run folder under {RUNS}/; `python wsss.py train` makes one")
+    return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+def start_run(args: argparse.Namespace) -> tuple[Path, RunConfig]:
+    """The run folder and settings of `train`: a resumed run's own, or the preset's with the
+    flags over it, checked before the folder is made."""
+    if args.resume:
+        run = run_path(args.resume)
+        config = read_run_config(run)
+        flags = given_flags(args) + (["--data"] if args.data else [])
+        if flags:
+            raise DataError(f"--resume continues {run} with the settings it began with; "
+                            f"{', '.join(flags)} cannot change them (start a new run instead)")
+        check_run_config(config)
+        return run, config
+    config = config_from_flags(args)
+
+    def make_run_folder() -> Path:
+        run = Path(args.out or RUNS / time.strftime("%Y%m%d-%H%M%S"))
+        if not args.data:
+            ensure_default_data(DEFAULT_DATA)
+        verify_splits(Path(config.data))  # bad data stops here, before a run folder is made
+        fresh_output_dir(run, args.force, folders=(config.data,))
+        (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        return run
+
+    return on_first_process(make_run_folder), config
+
+
+def read_run_config(run: Path) -> RunConfig:
+    path = run / "config.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; `python wsss.py train` makes a run folder")
+    try:
+        config = RunConfig.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, foreign, edited
+        raise DataError(f"{path}: not a run's config ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'malformed'})") from None
+    check_settings(config)  # an edited file is held to the same table as the flags
+    return config
+
+
+def run_files(run: Path) -> tuple[Path, ...]:
+    """What a run folder holds that commands read: its config, checkpoints and log."""
+    return tuple(p for p in run.iterdir() if p.is_file()) if run.is_dir() else ()
+
+
+def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher, models.Student]:
+    """A run's config and its trained, frozen teacher and student."""
+    config = read_run_config(run)
+    num_classes = len(read_classes(Path(config.data)))
+    nets = []
+    for name, build in (("teacher", build_teacher), ("student", build_student)):
+        net = build(config.model.without_weights(), num_classes)
+        restore(net, load_checkpoint(checkpoint_path(run, name)), run / f"{name}.pt")
+        nets.append(freeze(net.to(device)))
+    return config, nets[0], nets[1]
+
+
+def checkpoint_path(run: Path, name: str) -> Path:
+    path = run / f"{name}.pt"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; `python wsss.py train --resume {run}` finishes "
+                        f"the run")
+    return path
+
+
+# --- processes: one, or several started by torchrun -----------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless torchrun started this process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> bool:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
+    LOCAL_RANK, MASTER_ADDR): NCCL between GPUs, gloo between CPU processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def on_first_process(fn):
+    """fn() on the first process only (the one that writes files); every process gets its
+    result, or its DataError, so that no process waits for one that has failed."""
+    result, error = None, None
+    if world()[0] == 0:
+        try:
+            result = fn()
+        except DataError as e:
+            error = str(e)
+    if world()[1] > 1:
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error is not None:
+        raise DataError(error)
+    return result
+
+
+def global_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over processes of a tensor each process holds (itself with one process)."""
+    if world()[1] > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world()[1]
+    return values
+
+
+def gather_scores(scores: postprocess.Scores) -> postprocess.Scores:
+    """Under torchrun every process scored its share of a split; add them up."""
+    if world()[1] == 1:
+        return scores
+    shares = [None] * world()[1]
+    dist.all_gather_object(shares, scores)
+    for other in shares[1:]:
+        shares[0].merge(other)
+    return shares[0]
+
+
+def distributed(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module to call in training: under torchrun, wrapped in DistributedDataParallel
+    (gradients averaged across processes during backward; BatchNorm synchronised on CUDA,
+    per process on CPU, where SyncBatchNorm does not run); else the network itself."""
+    if world()[1] == 1:
+        return net
+    if device.type == "cuda":
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return torch.nn.parallel.DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# --- device and precision --------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda: no CUDA device is available here (use auto or cpu)")
+    if name == "mps" and not mps:
+        raise DataError("--device mps: no MPS device is available here (use auto or cpu)")
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("mps") if mps else torch.device("cpu")
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp on this device, or None for float32."""
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise DataError("--amp fp16 needs a CUDA device (use bf16 or off)")
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":  # "auto" (the choices are checked with the other settings)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":  # fast only with AVX512-BF16 or AMX; slower than fp32 elsewhere
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context of --amp on this device (float32 when it has none)."""
+    dtype = autocast_dtype(amp, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# --- the training loop: checkpoints after every epoch and on Ctrl-C, exact resume ------------
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training, after the checkpoint was written: exit code 130."""
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a NaN loss, an incompatible checkpoint): one line, exit code 1."""
+
+
+class Log:
+    """Prints a line and appends it to RUN/log.txt (the first process only)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        if world()[0] != 0:
+            return
+        print(line, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, epoch: int, done: bool,
+                    step: int = 0) -> None:
+    """`epoch` epochs and `step` steps of the next are done; the random state is saved so that
+    a run resumed mid-epoch draws what the uninterrupted run would have drawn. Written to a
+    temporary file, then renamed: a crash never leaves half a checkpoint."""
+    if world()[0] != 0:  # one writer; every process holds the same weights
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "done": done}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message runs to many lines: its first says what failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{path}: cannot read checkpoint ({e.__class__.__name__}: {first})"
+                        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, config: RunConfig, path: Path) -> None:
+    """A checkpoint resumes only the networks it was written for (the ablation shares one
+    teacher checkpoint among runs of other loss settings, so those may differ)."""
+    saved = RunConfig.from_dict(ckpt["config"])
+    for part in ("model", "segment"):
+        a, b = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(config, part))
+        changed = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
+        if changed:
+            raise TrainingError(f"{path}: written with other {part} settings ({'; '.join(changed)}); "
+                                f"resume with the settings it began with, or start a new run")
+
+
+def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise TrainingError(f"{path}: does not fit the configured network ({detail})") from None
+
+
+def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int,
+                device: torch.device, skip: int = 0) -> torch.utils.data.DataLoader:
+    """One epoch's batches of `batch_size` (the global batch) in an order that depends only on
+    (seed, epoch), so that a resumed run sees the same batches; `skip` drops the first images
+    (a run resumed mid-epoch). Under torchrun process r takes images r, r + N, ... of the same
+    order (padded to a multiple of N, as DistributedSampler pads): together the N processes'
+    batches are the single process's batches."""
+    rank, size = world()
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    order += order[: -len(order) % size]
+    indices = order[rank::size][skip // size:]
+    # Its own generator: the loader draws its workers' seed from it, not from the global state.
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size // size, shuffle=False,
+        generator=generator, num_workers=workers, pin_memory=device.type == "cuda")
+
+
+class StopFlag:
+    """Turns Ctrl-C (SIGINT) into a flag the training loop reads between steps, so the
+    checkpoint it writes never holds a half-done optimizer step. A second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.set = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
+    """Linear warm-up to `peak` over `warmup` steps, then cosine decay to zero: ViTs trained
+    from scratch diverge or stall without the warm-up. A function of the step alone, so a
+    resumed run follows the same schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resume(stage: str, nets: dict, optimizer: torch.optim.Optimizer, paths: dict,
+           config: RunConfig, log: Log) -> tuple[int, int, torch.Tensor | None]:
+    """(epochs done, steps done of the next, random state) from a stage's checkpoints."""
+    if not all(p.is_file() for p in paths.values()):
+        return 0, 0, None
+    ckpts = {name: load_checkpoint(p) for name, p in paths.items()}
+    for name, net in nets.items():
+        check_compatible(ckpts[name], config, paths[name])
+        restore(net, ckpts[name], paths[name])
+    first = ckpts[next(iter(nets))]
+    if first["optimizer"] is not None:
+        optimizer.load_state_dict(first["optimizer"])
+    epoch, step = first["epoch"], first.get("step", 0)
+    log(f"{stage}: resuming after epoch {epoch}" + (f" step {step}" if step else ""))
+    return epoch, step, first.get("rng")
+
+
+def optimizer_step(step, batch: dict, nets: dict, optimizer: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, lr: float, device: torch.device,
+                   t: TrainConfig) -> dict[str, float]:
+    """One step of a stage; returns the global batch's terms (the mean over processes, so
+    that every process sees the same and stops together); nothing is updated on a NaN."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
+             if isinstance(v, torch.Tensor)}
+    if t.channels_last:
+        batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+    with autocast(t.amp, device):
+        terms = step(batch, nets)
+    values = global_mean(torch.stack([v.detach().float() for v in terms.values()]))
+    means = dict(zip(terms, values.tolist()))
+    if not math.isfinite(means["loss"]):
+        return means
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(terms["loss"]).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return means
+
+
+def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dataset,
+                run: Path, config: RunConfig, epochs: int, device: torch.device,
+                log: Log) -> None:
+    """The epoch loop of a stage: `step(batch, nets) -> {"loss": ..., other terms}`, `nets`
+    the modules to call (wrapped under torchrun), all trained by one AdamW; RUN/<name>.pt
+    written after every epoch and on Ctrl-C; a NaN loss stops with the last good one intact."""
+    t, size = config.train, world()[1]
+    if t.batch_size % size:
+        raise DataError(f"--batch-size {t.batch_size} is the global batch; it must divide "
+                        f"evenly among {size} processes")
+    params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    paths = {name: run / f"{name}.pt" for name in nets}
+    start, skip, rng = resume(stage, nets, optimizer, paths, config, log)
+    if start >= epochs:
+        return log(f"{stage}: done in an earlier run ({start} epochs)")
+    if t.channels_last:
+        for net in nets.values():
+            net.to(memory_format=torch.channels_last)
+    wrapped = {name: distributed(net, device) for name, net in nets.items()}
+    wrapped = {n: torch.compile(net) for n, net in wrapped.items()} if t.compile else wrapped
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(t.amp, device) == torch.float16)
+    per_epoch = -(-len(dataset) // t.batch_size)
+    total, seen = (epochs - start) * len(dataset) - skip * t.batch_size, 0
+    began = time.perf_counter()
+    with StopFlag() as stop:
+        for epoch in range(start, epochs):
+            done = skip if epoch == start else 0
+            if done and rng is not None:
+                torch.set_rng_state(rng)  # where the interrupted run stood
+            else:
+                torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws, per epoch
+            for net in nets.values():
+                net.train()
+            sums: dict[str, float] = {}
+            loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device,
+                                 skip=done * t.batch_size)
+            for i, batch in enumerate(loader, start=done + 1):
+                lr = learning_rate(t.lr, epoch * per_epoch + i - 1, per_epoch, epochs * per_epoch)
+                means = optimizer_step(step, batch, wrapped, optimizer, scaler, lr, device, t)
+                if not math.isfinite(means["loss"]):
+                    raise TrainingError(
+                        f"{stage}: loss is {means['loss']} at epoch {epoch + 1} step {i}; "
+                        f"stopped. The last good checkpoint (epoch {epoch}) is intact in {run}; "
+                        f"try a lower --lr or --amp off")
+                sums = {k: sums.get(k, 0.0) + v for k, v in means.items()}
+                seen += len(batch["image"]) * size
+                if i % t.log_every == 0 or i == per_epoch:
+                    ips = seen / (time.perf_counter() - began)
+                    terms = " ".join(f"{k} {v / (i - done):.4f}" for k, v in sums.items())
+                    log(f"{stage} epoch {epoch + 1}/{epochs} step {i}/{per_epoch} {terms} | "
+                        f"{ips:.1f} img/s | left {(total - seen) / ips:.0f} s")
+                if stop.set:
+                    for name, net in nets.items():
+                        save_checkpoint(paths[name], config, net, optimizer, epoch, False, step=i)
+                    again = (f"segment --run {run}" if stage.startswith("segment")
+                             else f"train --resume {run}")
+                    raise Interrupted(f"{stage}: stopped by Ctrl-C after epoch {epoch} step {i}; "
+                                      f"checkpoint written; `python wsss.py {again}` continues "
+                                      f"from there")
+            for name, net in nets.items():
+                save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
+
+
+# --- files: outputs that never replace what a command reads, masks, figures ------------------
+
+
 def verify_splits(root: Path) -> None:
     """Read every file of the training split, and of the validation split when there is one."""
     SmokeDataset(root, "train", size=None).verify()
@@ -681,12 +1293,89 @@ def output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ())
     os.replace(tmp, path)
 
 
-# --- the synthetic industrial-smoke scene generator --------------------------------------------
-# A scene: sky gradient, ground, factory skyline, striped chimneys; an emission is a chain of
-# soft Gaussian puffs that leaves a chimney top, bent by wind, thinning as it rises. Clouds and
-# haze are smoke-like but unlabelled. Mask = pixels whose colour the plume changes by more
-# than 32 levels, with an ignore band down to 10 (faint edges nobody can label); context =
-# chimney pixels that are not smoke.
+def save_mask(mask: torch.Tensor, path: Path) -> None:
+    Image.fromarray(mask.numpy().astype(np.uint8)).save(path)
+
+
+def paint(rgb: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """A (3,H,W) uint8 photo with (H,W) bool masks painted over it: red, yellow, blue, ..."""
+    from torchvision.utils import draw_segmentation_masks
+    colors = ["red", "yellow", "blue", "lime", "cyan", "magenta"]
+    return draw_segmentation_masks(rgb, torch.stack(masks), alpha=0.55,
+                                   colors=(colors * len(masks))[:len(masks)])
+
+
+def overlay_grid(rgbs: list[torch.Tensor], masks: list[torch.Tensor], path: Path,
+                 num_classes: int) -> None:
+    """Photos and their masks over them, in a grid a person can look at."""
+    from torchvision.utils import make_grid
+    tiles = []
+    for rgb, mask in zip(rgbs, masks):
+        tiles += [rgb, paint(rgb, [mask == k for k in range(1, num_classes + 1)])]
+    grid = make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
+
+
+def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam: CamConfig,
+                       refine_config: RefineConfig, teacher, student, device: torch.device,
+                       amp: str, overlays: Path | None) -> dict | None:
+    """The split's pseudo masks into `out` at each file's own size, an overlay grid, and the
+    masks' scores when the dataset has ground truth."""
+    out.mkdir(parents=True, exist_ok=True)
+    scores = postprocess.Scores(len(dataset.classes)) if dataset.has_masks else None
+    shown_rgb, shown_mask = [], []
+    for batch, _, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
+                                        amp):
+        for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
+            size = tuple(batch["size"][i].tolist())
+            save_mask(postprocess.resize_mask(mask, size), out / f"{stem}.png")
+            if len(shown_rgb) < 16 and batch["label"][i].any():
+                shown_rgb.append(batch["rgb"][i])
+                shown_mask.append(mask)
+        if scores is not None:
+            score_batch(scores, masks, batch, dataset)
+    if overlays is not None and shown_rgb and world()[0] == 0:
+        overlay_grid(shown_rgb, shown_mask, overlays, len(dataset.classes))
+    return None if scores is None else gather_scores(scores).result()
+
+
+def evaluate_folder(dataset: "SmokeDataset", pred: Path) -> dict:
+    """Scores of the masks pred/<stem>.png against the split's ground truth (full size)."""
+    if not dataset.has_masks:
+        raise DataError(f"{dataset.root / 'masks'}: no ground-truth masks to evaluate against")
+    scores = postprocess.Scores(len(dataset.classes))
+    for i, sample in enumerate(dataset.samples):
+        path = pred / f"{sample.stem}.png"
+        if not path.is_file():
+            raise DataError(f"{path}: predicted mask missing for {sample.stem}")
+        item = dataset[i]
+        size = (item["mask"].shape[1], item["mask"].shape[0])
+        mask = torch.from_numpy(load_mask(path, size, len(dataset.classes)))
+        scores.add(mask, item["mask"], item.get("context"))
+    return scores.result()
+
+
+def peak_memory_mb() -> float:
+    import resource  # POSIX; ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- data generation: synthetic industrial scenes ---------------------------------------------
+
+
+@dataclass
+class SynthConfig:
+    n_train: int = field(default=1000, metadata=_help("training images"))
+    n_val: int = field(default=200, metadata=_help("validation images"))
+    size: int = field(default=128, metadata=_help("image side in pixels"))
+    positive_share: float = field(default=0.5, metadata=_help("share of images with an emission"))
+    coupling: float = field(default=0.6, metadata=_help(
+        "spurious correlation in the training split: the probability that a smoke-free image "
+        "has no chimney (1 = chimneys appear only with smoke)"))
+    val_coupling: float = field(default=0.2, metadata=_help(
+        "the same for the validation split; lower, so that chimney bias shows in the scores"))
+    seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same files"))
+
 
 SMOKE_VISIBLE, SMOKE_FAINT = 32, 10  # colour change (0..255) of a labelled / an ignored pixel
 
@@ -825,7 +1514,26 @@ def synthesize(out: Path, config: SynthConfig) -> dict:
     return counts
 
 
-# --- SMOKE5K import ------------------------------------------------------------------------------
+def ensure_default_data(path: Path) -> Path:
+    """The default dataset: generated once with SynthConfig() when missing."""
+    if not (path / "classes.txt").is_file():
+        print(f"generating the default synthetic dataset in {path} ...")
+        with output_dir(path, force=False) as tmp:
+            synthesize(tmp, SynthConfig())
+    return path
+
+
+# --- data import: SMOKE5K photographs, tiled --------------------------------------------------
+
+
+@dataclass
+class PrepareConfig:
+    tile: int = field(default=128, metadata=_help("tile side in pixels"))
+    min_share: float = field(default=0.02, metadata=_help(
+        "a tile is a positive when at least this share of its pixels is smoke"))
+    val_share: float = field(default=0.2, metadata=_help(
+        "share of photographs held out for the validation split (all tiles of a photo together)"))
+    seed: int = field(default=0, metadata=_help("seed of the train/val split of photographs"))
 
 
 def tile_origins(length: int, tile: int) -> list[int]:
@@ -890,17 +1598,7 @@ def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig) -> dict:
     return counts
 
 
-def ensure_default_data(path: Path) -> Path:
-    """The embedded default dataset: generated once with SynthConfig() when missing."""
-    if not (path / "classes.txt").is_file():
-        print(f"generating the default synthetic dataset in {path} ...")
-        with output_dir(path, force=False) as tmp:
-            synthesize(tmp, SynthConfig())
-    return path
-
-
-# -----------------------------------------------------------------------------
-# Pretrained weights from a local file (nothing is downloaded)
+# --- pretrained weights from a local file (nothing is downloaded) ------------------------------
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -936,847 +1634,46 @@ def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
         raise DataError(f"{path}: no tensor matches the {what}'s names")
 
 
-# -----------------------------------------------------------------------------
-# Training: building the networks, the two stages, checkpoints, resume
+# --- stage 3: a segmentation network trained on the pseudo masks ------------------------------
 
-
-class Interrupted(Exception):
-    """Ctrl-C during training, after the checkpoint was written: exit code 130."""
-
-
-class TrainingError(Exception):
-    """Training cannot go on (a NaN loss, an incompatible checkpoint): one line, exit code 1."""
-
-
-CHECKPOINT_FORMAT = 1
-
-
-@dataclass
-class RunConfig:
-    """Every setting of a run, as saved in RUN/config.json and in each checkpoint."""
-    data: str
-    model: ModelConfig
-    train: TrainConfig
-    loss: LossConfig
-    cam: CamConfig
-    refine: RefineConfig = field(default_factory=RefineConfig)
-    segment: SegmentConfig = field(default_factory=SegmentConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        parts = {}
-        for name, config_cls in CONFIGS.items():
-            values = dict(d.get(name, {}))
-            for f in dataclasses.fields(config_cls):
-                if f.name in values and getattr(f.type, "__origin__", None) is tuple:
-                    values[f.name] = tuple(values[f.name])
-            parts[name] = config_cls(**values)
-        return cls(data=d["data"], **parts)
-
-
-class Log:
-    """Prints a line and appends it to RUN/log.txt (the first process only)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def __call__(self, line: str) -> None:
-        if world()[0] != 0:
-            return
-        print(line, flush=True)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --amp on this device, or None for float32."""
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise DataError("--amp fp16 needs a CUDA device (use bf16 or off)")
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":  # "auto" (the choices are checked with the other settings)
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":  # fast only with AVX512-BF16 or AMX; slower than fp32 elsewhere
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    return None
-
-
-def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
-    backbone = getattr(models, config.teacher)(num_classes=0, output_stride=config.output_stride,
-                                               width=config.teacher_width)
-    if config.teacher_weights:
-        load_weights(backbone, Path(config.teacher_weights), "teacher")
-    return models.Teacher(backbone, num_classes, pcm=config.pcm)
-
-
-def build_student(config: ModelConfig, num_classes: int) -> models.Student:
-    if config.image_size % config.patch_size:
-        raise DataError(f"--image-size {config.image_size} is not a multiple of --patch-size "
-                        f"{config.patch_size}")
-    # A CAM-head student classifies with its projected map: no class-token head to train.
-    head_classes = num_classes if config.student_head == "token" else 0
-    backbone = getattr(models, config.student)(img_size=config.image_size,
-                                               patch_size=config.patch_size,
-                                               depth=config.student_depth,
-                                               num_classes=head_classes, stem=config.student_stem)
-    if config.student_weights:
-        load_weights(backbone, Path(config.student_weights), "student")
-    return models.Student(backbone, num_classes, head=config.student_head)
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, epoch: int, done: bool,
-                    step: int = 0) -> None:
-    """`epoch` epochs and `step` steps of the next are done; the random state is saved so
-    that a run resumed mid-epoch draws what the uninterrupted run would have drawn."""
-    if world()[0] != 0:  # one writer; every process holds the same weights
-        return
-    atomic_save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
-                 "model": net.state_dict(),
-                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                 "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "done": done}, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch's message runs to many lines: its first says what failed
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{path}: cannot read checkpoint ({e.__class__.__name__}: {first})"
-                        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
-def check_compatible(ckpt: dict, config: RunConfig, path: Path) -> None:
-    """A checkpoint resumes only the networks it was written for (the ablation shares one
-    teacher checkpoint among runs of other loss settings, so those may differ)."""
-    saved = RunConfig.from_dict(ckpt["config"])
-    for part in ("model", "segment"):
-        a, b = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(config, part))
-        changed = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
-        if changed:
-            raise TrainingError(f"{path}: written with other {part} settings ({'; '.join(changed)}); "
-                                f"resume with the settings it began with, or start a new run")
-
-
-def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
-    try:
-        net.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise TrainingError(f"{path}: does not fit the configured network ({first[1].strip() if len(first) > 1 else first[0]})") from None
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The permutation of n images for one epoch, a function of (seed, epoch) alone: the order
-    DataLoader(shuffle=True, generator=g) gives, which draws its workers' base seed from g
-    before the permutation."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the base-seed draw
-    return torch.randperm(n, generator=generator).tolist()
-
-
-class DealingSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler dealing out epoch_order's permutation (padded to a multiple of the
-    processes, as DistributedSampler pads): process r takes images r, r + N, r + 2N, ..., so
-    the N processes' batches together are the single process's batches."""
-
-    def __iter__(self):
-        order = epoch_order(len(self.dataset), self.seed, self.epoch)
-        order += order[: self.total_size - len(order)]
-        return iter(order[self.rank:self.total_size:self.num_replicas])
-
-
-def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int,
-                device: torch.device, skip: int = 0) -> torch.utils.data.DataLoader:
-    """One epoch's batches of `batch_size` (the global batch), in an order that depends only
-    on (seed, epoch), so that a resumed run sees the same batches; `skip` drops the first
-    images (a run resumed mid-epoch). Under torchrun each process takes its share of the
-    same order (DealingSampler); together they see the single process's batches."""
-    rank, size = world()
-    if size > 1:
-        sampler = DealingSampler(dataset, size, rank, shuffle=True, seed=seed)
-        sampler.set_epoch(epoch)
-        indices = list(sampler)[skip // size:]
-    else:
-        indices = epoch_order(len(dataset), seed, epoch)[skip:]
-    # Its own generator, so that making the loader draws nothing from the global random state.
-    return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size // size, shuffle=False,
-        generator=torch.Generator().manual_seed(epoch), num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=False)
-
-
-def unwrap(net: torch.nn.Module) -> torch.nn.Module:
-    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
-    return getattr(net, "module", net)
-
-
-def distributed(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The module to call in training: under torchrun, wrapped in DistributedDataParallel
-    (gradients averaged across processes during backward; BatchNorm synchronised on CUDA,
-    per process on CPU, where SyncBatchNorm does not run); else the network itself."""
-    if world()[1] == 1:
-        return net
-    if device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    return torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-class StopFlag:
-    """Turns Ctrl-C (SIGINT) into a flag the training loop reads between steps, so the
-    checkpoint it writes never holds a half-done optimizer step. A second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.set = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-
-def student_losses(student: models.Student, images: torch.Tensor, labels: torch.Tensor,
-                   teacher_maps: torch.Tensor | None, config: LossConfig) -> dict:
-    """L = L_cls + lambda L_align + mu L_cons for one batch of the student."""
-    logits, maps = student(images)  # `student` may be wrapped for distributed training
-    terms = {"cls": losses.classification_loss(logits, labels)}
-    if teacher_maps is not None and config.align_weight > 0:
-        target = losses.alignment_target(teacher_maps, labels, config.align_target)
-        aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
-        terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
-                                               config.align_reduce)
-    if config.consistency_weight > 0:
-        p = unwrap(student).backbone.patch_size
-        side = max(p, round(images.shape[-1] * config.consistency_scale / p) * p)
-        flip = bool(torch.rand(()) < 0.5)
-        _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
-        terms["cons"] = losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
-            maps[:, 1:], maps_aug.shape[-2:], flip))
-    weights = {"cls": 1.0, "align": config.align_weight, "cons": config.consistency_weight}
-    terms["loss"] = sum(weights[k] * v for k, v in terms.items())
-    return terms
-
-
-def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
-    """Linear warm-up to `peak` over `warmup` steps, then cosine decay to zero: ViTs trained
-    from scratch diverge or stall without the warm-up. A function of the step alone, so a
-    resumed run follows the same schedule."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dataset,
-                run: Path, config: RunConfig, epochs: int, device: torch.device,
-                log: Log) -> None:
-    """Generic epoch loop: `step(batch, nets) -> {"loss": ..., other terms}`, with the batch's
-    tensors on the device and `nets` the modules to call (wrapped under torchrun). Trains every
-    module of `nets` with one AdamW; writes RUN/<name>.pt atomically after every epoch and on
-    Ctrl-C; resumes from those checkpoints exactly, mid-epoch too; stops on a non-finite loss
-    with the last good checkpoint intact."""
-    t = config.train
-    rank, size = world()
-    if t.batch_size % size:
-        raise DataError(f"--batch-size {t.batch_size} is the global batch; it must divide "
-                        f"evenly among {size} processes")
-    params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    start, skip, rng = 0, 0, None
-    paths = {name: run / f"{name}.pt" for name in nets}
-    if all(p.is_file() for p in paths.values()):
-        ckpts = {name: load_checkpoint(p) for name, p in paths.items()}
-        for name, net in nets.items():
-            check_compatible(ckpts[name], config, paths[name])
-            restore(net, ckpts[name], paths[name])
-        first = ckpts[next(iter(nets))]
-        start, skip, rng = first["epoch"], first.get("step", 0), first.get("rng")
-        if start >= epochs:
-            log(f"{stage}: done in an earlier run ({start} epochs)")
-            return
-        if first["optimizer"] is not None:
-            optimizer.load_state_dict(first["optimizer"])
-        log(f"{stage}: resuming after epoch {start}" + (f" step {skip}" if skip else ""))
-    if t.channels_last:
-        for net in nets.values():
-            net.to(memory_format=torch.channels_last)
-    wrapped = {name: distributed(net, device) for name, net in nets.items()}
-    if t.compile:
-        wrapped = {name: torch.compile(net) for name, net in wrapped.items()}
-    dtype = autocast_dtype(t.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    steps_per_epoch = -(-len(dataset) // t.batch_size)
-    total_steps = epochs * steps_per_epoch
-    total_images = (epochs - start) * len(dataset) - skip * t.batch_size
-    seen, began = 0, time.perf_counter()
-    with StopFlag() as stop:
-        for epoch in range(start, epochs):
-            done_steps = skip if epoch == start else 0
-            if done_steps and rng is not None:
-                torch.set_rng_state(rng)  # where the interrupted run stood
-            else:
-                torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws, per epoch
-            for net in nets.values():
-                net.train()
-            sums: dict[str, float] = {}
-            loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device,
-                                 skip=done_steps * t.batch_size)
-            for i, batch in enumerate(loader, start=done_steps + 1):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
-                         if isinstance(v, torch.Tensor)}
-                if t.channels_last:
-                    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=dtype or torch.float32,
-                                    enabled=dtype is not None):
-                    terms = step(batch, wrapped)
-                # The global batch's terms: every process sees the same (and stops together).
-                values = global_mean(torch.stack([v.detach().float() for v in terms.values()]))
-                means = dict(zip(terms, values.tolist()))
-                if not math.isfinite(means["loss"]):
-                    raise TrainingError(
-                        f"{stage}: loss is {means['loss']} at epoch {epoch + 1} step {i}; "
-                        f"stopped. The last good checkpoint (epoch {epoch}) is intact in {run}; "
-                        f"try a lower --lr or --amp off")
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(t.lr, epoch * steps_per_epoch + i - 1,
-                                                steps_per_epoch, total_steps)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(terms["loss"]).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                seen += len(batch["image"]) * size
-                for k, v in means.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if i % t.log_every == 0 or i == steps_per_epoch:
-                    ips = seen / (time.perf_counter() - began)
-                    terms_text = " ".join(f"{k} {v / (i - done_steps):.4f}" for k, v in sums.items())
-                    log(f"{stage} epoch {epoch + 1}/{epochs} step {i}/{steps_per_epoch} "
-                        f"{terms_text} | {ips:.1f} img/s | left {(total_images - seen) / ips:.0f} s")
-                if stop.set:
-                    for name, net in nets.items():
-                        save_checkpoint(paths[name], config, net, optimizer, epoch, False, step=i)
-                    again = (f"segment --run {run}" if stage.startswith("segment")
-                             else f"train --resume {run}")
-                    raise Interrupted(f"{stage}: stopped by Ctrl-C after epoch {epoch} step {i}; "
-                                      f"checkpoint written; `python wsss.py {again}` continues "
-                                      f"from there")
-            for name, net in nets.items():
-                save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
-
-
-def freeze(net: torch.nn.Module) -> torch.nn.Module:
-    """The frozen teacher: eval mode (BatchNorm statistics fixed) and no gradients."""
-    net.eval()
-    net.requires_grad_(False)
-    return net
-
-
-def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
-                   log: Log) -> tuple[models.Teacher, models.Student]:
-    """Stage 1 teacher, stage 2 student aligned to the frozen teacher (or both together)."""
-    k = len(dataset.classes)
-    torch.manual_seed(config.train.seed)
-    teacher = build_teacher(config.model, k).to(device)
-    student = build_student(config.model, k).to(device)
-    log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
-        f"parameters; student {config.model.student}: "
-        f"{models.count_parameters(student) / 1e6:.2f} M parameters")
-    t = config.train
-
-    def teacher_step(batch, nets):
-        logits, _ = nets["teacher"](batch["image"])
-        loss = losses.classification_loss(logits, batch["label"])
-        return {"loss": loss, "cls": loss}
-
-    if t.mode == "distill":
-        train_stage("teacher", {"teacher": teacher}, teacher_step, dataset, run, config,
-                    t.teacher_epochs, device, log)
-        freeze(teacher)
-
-        def student_step(batch, nets):
-            teacher_maps = None
-            if config.loss.align_weight > 0:
-                with torch.no_grad():  # the frozen teacher: not wrapped, not trained
-                    _, teacher_maps = teacher(batch["image"])
-            return student_losses(nets["student"], batch["image"], batch["label"], teacher_maps,
-                                  config.loss)
-
-        train_stage("student", {"student": student}, student_step, dataset, run, config,
-                    t.student_epochs, device, log)
-    else:  # co-train
-        def joint_step(batch, nets):
-            logits, teacher_maps = nets["teacher"](batch["image"])
-            cls_t = losses.classification_loss(logits, batch["label"])
-            terms = student_losses(nets["student"], batch["image"], batch["label"], teacher_maps,
-                                   config.loss)
-            terms["loss"] = terms["loss"] + cls_t
-            terms["teacher_cls"] = cls_t
-            return terms
-
-        train_stage("co-train", {"teacher": teacher, "student": student}, joint_step, dataset,
-                    run, config, max(t.teacher_epochs, t.student_epochs), device, log)
-        freeze(teacher)
-    return teacher, freeze(student)
-
-
-def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
-                log: Log) -> models.Student:
-    """The baseline: the same student and recipe without the teacher (lambda = 0), so the
-    alignment's effect is the difference of the two students (RUN/alone.pt)."""
-    k = len(dataset.classes)
-    torch.manual_seed(config.train.seed)
-    alone = build_student(config.model, k).to(device)
-    alone_loss = dataclasses.replace(config.loss, align_weight=0.0)
-
-    def alone_step(batch, nets):
-        return student_losses(nets["alone"], batch["image"], batch["label"], None, alone_loss)
-
-    train_stage("alone", {"alone": alone}, alone_step, dataset, run, config,
-                config.train.student_epochs, device, log)
-    return freeze(alone)
-
-
-# -----------------------------------------------------------------------------
-# CAMs: teacher CAM, student Grad-CAM or projection map; multi-scale and flip
-
-
-def teacher_cam(teacher: models.Teacher, images: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) -> (B,K,h,w): the teacher's class maps (its CAM, + PCM when it has one)."""
-    with torch.no_grad():
-        return teacher(images)[1].float()
-
-
-def student_proj_cam(student: models.Student, images: torch.Tensor) -> torch.Tensor:
-    """(B,3,H,W) -> (B,K,h,w): the class channels of the student's projected patch tokens."""
-    with torch.no_grad():
-        return student(images)[1][:, 1:].float()
-
-
-def student_gradcam(student: models.Student, images: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al. 2017) on the last block's norm1 tokens, class token dropped:
-    cam_k = ReLU( sum_d  mean_n(d y_k / d A_nd) * A_nd ).  (B,3,H,W) -> (B,K,h,w)."""
-    p = student.backbone.patch_size
-    h, w = images.shape[2] // p, images.shape[3] // p
-    with torch.enable_grad():
-        logits, tokens = student.forward_gradcam(images)
-        cams = []
-        for k in range(logits.shape[1]):
-            grad, = torch.autograd.grad(logits[:, k].sum(), tokens, retain_graph=True)
-            weights = grad[:, 1:].mean(dim=1, keepdim=True)  # (B,1,D): pooled gradients
-            cam = (tokens[:, 1:] * weights).sum(dim=-1)  # (B,N,D) -> (B,N)
-            cams.append(F.relu(cam).reshape(-1, h, w).detach())
-    return torch.stack(cams, dim=1).float()
-
-
-def multiscale_cam(cam_fn, images: torch.Tensor, scales: tuple[float, ...], flip: bool,
-                   multiple: int) -> torch.Tensor:
-    """Sum of ReLU'd CAMs over input scales (and the flipped input), at the input size.
-    Scaled sides are rounded to a multiple of `multiple` (the student's patch size)."""
-    B, _, H, W = images.shape
-    total = None
-    for scale in scales:
-        size = (max(multiple, round(H * scale / multiple) * multiple),
-                max(multiple, round(W * scale / multiple) * multiple))
-        x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
-            cam = F.relu(cam_fn(x.flip(-1) if flipped else x))
-            cam = cam.flip(-1) if flipped else cam
-            cam = F.interpolate(cam, size=(H, W), mode="bilinear", align_corners=False)
-            total = cam if total is None else total + cam
-    return total
-
-
-def cam_function(config: CamConfig, teacher: models.Teacher | None,
-                 student: models.Student | None):
-    """(function images -> CAMs, the size multiple its inputs need) for the configured CAM."""
-    if config.cam_network == "teacher":
-        return (lambda x: teacher_cam(teacher, x)), 1
-    fn = student_gradcam if config.cam_method == "gradcam" else student_proj_cam
-    return (lambda x: fn(student, x)), student.backbone.patch_size
-
-
-def fill_coverage(student: models.Student, images: torch.Tensor, cams: torch.Tensor,
-                  config: RefineConfig) -> torch.Tensor:
-    """The coverage fix: CAMs (B,K,H,W) pooled to the student's patch grid, walked over its
-    attention affinities, and brought back to (H, W)."""
-    p = student.backbone.patch_size
-    h, w = images.shape[2] // p, images.shape[3] // p
-    with torch.no_grad():
-        _, attentions = student.backbone.forward_features(images, return_attn=True)
-    transition = postprocess.attention_affinity(attentions, config.fill_beta)
-    grid = F.adaptive_avg_pool2d(F.relu(cams.float()), (h, w))
-    walked = postprocess.random_walk(grid, transition, config.fill_steps)
-    return F.interpolate(walked, size=cams.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def refine(rgb: torch.Tensor, cams: torch.Tensor, cam_config: CamConfig,
-           config: RefineConfig) -> torch.Tensor:
-    """Normalised CAMs (B,K,H,W) -> masks (B,H,W) uint8: background score, dense CRF."""
-    probs = postprocess.cams_to_probs(cams, config.background, cam_config.threshold,
-                                      config.alpha)
-    if config.crf:
-        probs = postprocess.dense_crf(
-            rgb.to(probs.device), probs, iters=config.crf_iters,
-            sxy_gaussian=config.crf_sxy_gaussian, compat_gaussian=config.crf_compat_gaussian,
-            sxy_bilateral=config.crf_sxy_bilateral, srgb=config.crf_srgb,
-            compat_bilateral=config.crf_compat_bilateral)
-    return postprocess.probs_to_mask(probs, config.ignore_band)
-
-
-def pseudo_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: RefineConfig,
-                 teacher, student, device: torch.device, amp: str = "off"):
-    """Yield (batch, cams (B,K,H,W), masks (B,H,W) uint8) for every image of the split (under
-    torchrun, for this process's share): the configured CAMs, normalised and gated by the
-    image labels, and the masks refined from them."""
-    rank, size = world()
-    share = torch.utils.data.Subset(dataset, range(rank, len(dataset), size))
-    loader = torch.utils.data.DataLoader(share, batch_size=cam_config.cam_batch_size)
-    for batch in loader:
-        cams = batch_cams(batch, cam_config, refine_config, teacher, student, device, amp)
-        yield batch, cams.cpu(), refine(batch["rgb"], cams, cam_config, refine_config).cpu()
-
-
-def batch_cams(batch: dict, cam_config: CamConfig, refine_config: RefineConfig, teacher,
-               student, device: torch.device, amp: str = "off") -> torch.Tensor:
-    """Normalised CAMs (B,K,H,W) of a batch: multi-scale, coverage fix, gated by labels."""
-    cams = raw_batch_cams(batch, cam_config, teacher, student, device, amp)
-    return finish_cams(cams, batch, refine_config, student, device)
-
-
-def raw_batch_cams(batch: dict, cam_config: CamConfig, teacher, student, device: torch.device,
-                   amp: str = "off") -> torch.Tensor:
-    """The multi-scale CAMs (B,K,H,W) of a batch, before the coverage fix and normalisation."""
-    fn, multiple = cam_function(cam_config, teacher, student)
-    dtype = autocast_dtype(amp, device)
-    images = batch["image"].to(device)
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        return multiscale_cam(fn, images, cam_config.cam_scales, cam_config.cam_flip, multiple)
-
-
-def finish_cams(cams: torch.Tensor, batch: dict, refine_config: RefineConfig, student,
-                device: torch.device) -> torch.Tensor:
-    """Multi-scale CAMs (B,K,H,W) -> the coverage fix when configured -> normalised CAMs,
-    zero for the classes an image's label lacks."""
-    if refine_config.fill:
-        cams = fill_coverage(student, batch["image"].to(device), cams, refine_config)
-    return postprocess.normalize_cams(cams, batch["label"].to(device))
-
-
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A (H, W) class mask at another size, nearest neighbour (the file's own size)."""
-    if tuple(mask.shape) == size:
-        return mask
-    return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
-
-
-def save_mask(mask: torch.Tensor, path: Path) -> None:
-    Image.fromarray(mask.numpy().astype(np.uint8)).save(path)
-
-
-def paint(rgb: torch.Tensor, cam: torch.Tensor | None = None,
-          masks: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """A (3,H,W) uint8 photo with a CAM (H,W) in [0,1] painted red over it, or with masks
-    (bool (H,W)) painted red, yellow, blue in turn."""
-    from torchvision.utils import draw_segmentation_masks
-    if masks is not None:
-        colors = ["red", "yellow", "blue", "lime", "cyan", "magenta"]
-        return draw_segmentation_masks(rgb, torch.stack(masks), alpha=0.55,
-                                       colors=(colors * len(masks))[:len(masks)])
-    a = 0.7 * cam.clamp(0, 1)[None].cpu()
-    red = torch.tensor([255.0, 0.0, 0.0])[:, None, None]
-    return (rgb.float() * (1 - a) + red * a).to(torch.uint8)
-
-
-def overlay_grid(rgbs: list[torch.Tensor], masks: list[torch.Tensor], path: Path,
-                 num_classes: int) -> None:
-    """Photos and their masks over them (smoke red), in a grid a person can look at."""
-    from torchvision.utils import make_grid
-    tiles = []
-    for rgb, mask in zip(rgbs, masks):
-        tiles += [rgb, paint(rgb, masks=[mask == k for k in range(1, num_classes + 1)])]
-    grid = make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
-
-
-def comparison_figure(dataset: "SmokeDataset", columns: list, path: Path, count: int = 6) -> None:
-    """Rows of labelled images: the photo, one panel per function of `columns`
-    (batch -> (B,3,H,W) uint8), then the ground truth."""
-    from torchvision.utils import make_grid
-    picks = [i for i, s in enumerate(dataset.samples) if s.labels][:count]
-    batch = torch.utils.data.default_collate([dataset[i] for i in picks])
-    panels = [batch["rgb"], *[fn(batch) for fn in columns]]
-    if "mask" in batch:
-        panels.append(torch.stack([paint(rgb, masks=[m == 1, m == IGNORE])
-                                   for rgb, m in zip(batch["rgb"], batch["mask"])]))
-    tiles = torch.stack(panels, dim=1).flatten(0, 1)  # (B,columns,3,H,W) -> (B*columns,3,H,W)
-    grid = make_grid(tiles, nrow=len(panels), padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: masks against ground truth (255 ignored)
-
-
-def boundary(fg: torch.Tensor) -> torch.Tensor:
-    """Inner boundary of a (H, W) bool region: its pixels with a 4-neighbour outside it."""
-    x = fg[None, None].float()
-    eroded = -F.max_pool2d(-F.pad(x, (1, 1, 1, 1), value=1.0), 3, stride=1)
-    return fg & (eroded[0, 0] < 0.5)
-
-
-def near(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Pixels within `radius` (Chebyshev) of a True pixel of the (H, W) bool mask."""
-    x = mask[None, None].float()
-    return F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0.5
-
-
-class Scores:
-    """Accumulates a confusion matrix, per-image smoke IoU, boundary matches (2-pixel
-    tolerance) and context false positives, over a whole split."""
-
-    def __init__(self, num_classes: int, tolerance: int = 2):
-        self.n = num_classes + 1  # background first
-        self.tolerance = tolerance
-        self.confusion = torch.zeros(self.n, self.n, dtype=torch.int64)  # [truth, prediction]
-        self.image_ious: list[float] = []
-        self.context_pixels = 0
-        self.context_called_fg = 0
-        self.boundary = [0, 0, 0, 0]  # predicted, predicted matched, true, true matched
-
-    def add(self, pred: torch.Tensor, truth: torch.Tensor, context: torch.Tensor | None = None):
-        """pred, truth: (H, W) class indices (truth 255 = ignore); context: (H, W) bool."""
-        valid = truth != IGNORE
-        pred = torch.where(pred == IGNORE, torch.zeros_like(pred), pred)  # abstained: background
-        p, t = pred[valid].long(), truth[valid].long()
-        self.confusion += torch.bincount(t * self.n + p.clamp(max=self.n - 1),
-                                         minlength=self.n ** 2).reshape(self.n, self.n)
-        fg_t, fg_p = t > 0, p > 0
-        if fg_t.any():  # the paper's figure: IoU averaged over images that show smoke
-            self.image_ious.append(((fg_t & fg_p).sum() / (fg_t | fg_p).sum()).item())
-        if context is not None and fg_t.any():  # chimneys of images that show smoke: label
-            self.context_pixels += int(context.sum())  # gating zeroes smoke-free images anyway
-            self.context_called_fg += int((context & (pred > 0)).sum())
-        # Boundary F1 of foreground vs the rest. Predicted edges inside ignore are not scored
-        # for precision but may still match a true edge (the true edge lies in that band).
-        pred_edge = boundary(pred > 0)
-        true_edge = boundary((truth > 0) & valid)
-        scored = pred_edge & valid
-        self.boundary[0] += int(scored.sum())
-        self.boundary[1] += int((scored & near(true_edge, self.tolerance)).sum())
-        self.boundary[2] += int(true_edge.sum())
-        self.boundary[3] += int((true_edge & near(pred_edge, self.tolerance)).sum())
-
-    def add_batch(self, masks: torch.Tensor, batch: dict, dataset: "SmokeDataset") -> None:
-        """Masks (B, H, W) at the network's size, scored as they are written: at each ground
-        truth's own size (so `train`, `pseudo` and `eval` agree on the same masks)."""
-        for i, mask in enumerate(masks):
-            size = tuple(batch["size"][i].tolist())
-            if tuple(mask.shape) == size:  # the batch holds the truth at its own size
-                self.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
-                         else None)
-            else:
-                self.add(resize_mask(mask, size), *dataset.truth(batch["stem"][i]))
-
-    def merge(self, other: "Scores") -> None:
-        """Add the counts of another split's share (distributed pseudo-mask generation)."""
-        self.confusion += other.confusion
-        self.image_ious += other.image_ious
-        self.context_pixels += other.context_pixels
-        self.context_called_fg += other.context_called_fg
-        self.boundary = [a + b for a, b in zip(self.boundary, other.boundary)]
-
-    def result(self) -> dict:
-        c = self.confusion.double()
-        tp = c.diag()
-        iou = tp / (c.sum(0) + c.sum(1) - tp).clamp(min=1)
-        fg_tp = c[1:, 1:].sum()
-        bp = self.boundary[1] / max(1, self.boundary[0])
-        br = self.boundary[3] / max(1, self.boundary[2])
-        return {
-            "smoke_iou": 100 * iou[1].item() if self.n == 2 else 100 * iou[1:].mean().item(),
-            "miou": 100 * iou.mean().item(),
-            "per_class_iou": [100 * v for v in iou.tolist()],
-            "precision": 100 * (fg_tp / c[:, 1:].sum().clamp(min=1)).item(),
-            "recall": 100 * (fg_tp / c[1:, :].sum().clamp(min=1)).item(),
-            "image_iou": 100 * float(np.mean(self.image_ious)) if self.image_ious else float("nan"),
-            "boundary_f1": 100 * 2 * bp * br / (bp + br) if bp + br > 0 else 0.0,
-            "context_fp": (100 * self.context_called_fg / self.context_pixels
-                           if self.context_pixels else float("nan")),
-        }
-
-
-def format_scores(name: str, r: dict) -> str:
-    def f(key: str) -> str:  # a figure without pixels to count (no context masks) is n/a
-        return "n/a" if math.isnan(r[key]) else f"{r[key]:.1f}"
-    return (f"{name}: smoke IoU {f('smoke_iou')}  mIoU {f('miou')}  "
-            f"precision {f('precision')}  recall {f('recall')}  "
-            f"boundary F1 {f('boundary_f1')}  per-image IoU {f('image_iou')}  "
-            f"chimney called smoke {f('context_fp')} %"
-            + (f"  BCE {r['bce']:.3f}" if "bce" in r else ""))
-
-
-def evaluate_folder(dataset: "SmokeDataset", pred: Path) -> dict:
-    """Scores of the masks pred/<stem>.png against the split's ground truth (full size)."""
-    if not dataset.has_masks:
-        raise DataError(f"{dataset.root / 'masks'}: no ground-truth masks to evaluate against")
-    scores = Scores(len(dataset.classes))
-    for i, sample in enumerate(dataset.samples):
-        path = pred / f"{sample.stem}.png"
-        if not path.is_file():
-            raise DataError(f"{path}: predicted mask missing for {sample.stem}")
-        item = dataset[i]
-        mask = torch.from_numpy(load_mask(path, (item["mask"].shape[1], item["mask"].shape[0]),
-                                          len(dataset.classes)))
-        scores.add(mask, item["mask"], item.get("context"))
-    return scores.result()
-
-
-def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam_config: CamConfig,
-                       refine_config: RefineConfig, teacher, student, device: torch.device,
-                       amp: str, overlays: Path | None, save_cams: bool = False) -> dict | None:
-    """Masks for every image of the split into `out` at each file's own size (and the CAMs,
-    at the network's input size, into out/cams/<stem>.npy, float16 (K,H,W), with save_cams),
-    an overlay grid of images with a label, and the masks' scores against the ground truth at
-    the network's input size when the dataset has masks (`eval` scores at full size)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if save_cams:
-        (out / "cams").mkdir(exist_ok=True)
-    scores = Scores(len(dataset.classes)) if dataset.has_masks else None
-    shown_rgb, shown_mask = [], []
-    for batch, cams, masks in pseudo_masks(dataset, cam_config, refine_config, teacher, student,
-                                           device, amp):
-        for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
-            save_mask(resize_mask(mask, tuple(batch["size"][i].tolist())), out / f"{stem}.png")
-            if save_cams:
-                np.save(out / "cams" / f"{stem}.npy", cams[i].numpy().astype(np.float16))
-            if len(shown_rgb) < 16 and batch["label"][i].any():
-                shown_rgb.append(batch["rgb"][i])
-                shown_mask.append(mask)
-        if scores is not None:
-            scores.add_batch(masks, batch, dataset)
-    if overlays is not None and shown_rgb and world()[0] == 0:
-        overlay_grid(shown_rgb, shown_mask, overlays, len(dataset.classes))
-    return None if scores is None else gather_scores(scores).result()
-
-
-def read_run_config(run: Path) -> RunConfig:
-    path = run / "config.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; `python wsss.py train` makes a run folder")
-    try:
-        config = RunConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, foreign, edited
-        raise DataError(f"{path}: not a run's config ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else 'malformed'})") from None
-    check_settings(config)  # an edited file is held to the same table as the flags
-    return config
-
-
-def run_files(run: Path) -> tuple[Path, ...]:
-    """What a run folder holds that commands read: its config, checkpoints and log."""
-    return tuple(p for p in run.iterdir() if p.is_file()) if run.is_dir() else ()
-
-
-def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher, models.Student]:
-    """A run's config and its trained, frozen networks."""
-    config = read_run_config(run)
-    num_classes = len(read_classes(Path(config.data)))
-    nets = []
-    for name, build in (("teacher", build_teacher), ("student", build_student)):
-        path = run / f"{name}.pt"
-        if not path.is_file():
-            raise DataError(f"{path}: not found; `python wsss.py train --resume {run}` "
-                            f"finishes the run")
-        net = build(config.model.architecture(), num_classes)
-        restore(net, load_checkpoint(path), path)
-        nets.append(freeze(net.to(device)))
-    return config, nets[0], nets[1]
-
-
-# -----------------------------------------------------------------------------
-# Stage 3: a segmentation network trained on the pseudo masks, and masks for any image
-
-SEGMENT_CHECKPOINTS = {"pseudo": "segment", "truth": "segment_truth"}  # --seg-targets -> RUN/<name>.pt
+SEGMENT_CHECKPOINTS = {"pseudo": "segment", "truth": "segment_truth"}  # --seg-targets -> RUN/<>.pt
 
 
 def build_segmenter(model: ModelConfig, seg: SegmentConfig, num_classes: int) -> torch.nn.Module:
     """DeepLabv3 on the teacher's ResNet, or a linear decoder on the student's ViT; K + 1
     outputs (background first)."""
-    if seg.seg_network == "resnet":
-        backbone = build_teacher(model, num_classes).backbone
-        side = model.image_size // model.output_stride
-        # DeepLabv3's rates (6, 12, 18) suit its 33x33 feature maps (513 px at output stride
-        # 16); scaled to this map's side, so that the branches still see different contexts.
-        rates = tuple(max(1, round(r * side / 33)) for r in (6, 12, 18))
-        return models.DeepLab(backbone, num_classes + 1, rates=rates)
     if seg.seg_network == "vit":
         return models.LinearSegmenter(build_student(model, num_classes).backbone, num_classes + 1)
-    raise DataError(f"--seg-network must be resnet or vit, got {seg.seg_network!r}")
-
-
-def init_from_run(net: torch.nn.Module, run: Path, seg: SegmentConfig) -> None:
-    """Start stage 3 from the backbone the run trained (no ImageNet weights are downloaded)."""
-    name = "teacher" if seg.seg_network == "resnet" else "student"
-    path = run / f"{name}.pt"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; `python wsss.py train --resume {run}` finishes the "
-                        f"run (or use --seg-init scratch)")
-    state = {k.removeprefix("backbone."): v for k, v in load_checkpoint(path)["model"].items()
-             if k.startswith("backbone.")}
-    net.backbone.load_state_dict(state)
+    side = model.image_size // model.output_stride
+    # DeepLabv3's rates (6, 12, 18) suit its 33x33 feature maps (513 px at output stride 16);
+    # scaled to this map's side, so that the branches still see different contexts.
+    rates = tuple(max(1, round(r * side / 33)) for r in (6, 12, 18))
+    return models.DeepLab(build_teacher(model, num_classes).backbone, num_classes + 1,
+                          rates=rates)
 
 
 def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log) -> torch.nn.Module:
-    """Stage 3: the segmentation network on the pseudo masks (255 ignored), or on the ground
-    truth for the upper bound; checkpointed to RUN/segment.pt (segment_truth.pt), resumable."""
+    """Stage 3 on the pseudo masks (255 ignored), or on the ground truth for the upper bound;
+    checkpointed to RUN/segment.pt (segment_truth.pt), resumable."""
     seg = config.segment
-    if seg.seg_targets not in SEGMENT_CHECKPOINTS:
-        raise DataError(f"--seg-targets must be pseudo or truth, got {seg.seg_targets!r}")
     masks = None
     if seg.seg_targets == "pseudo":
-        masks = Path(seg.seg_masks) if seg.seg_masks else run / "pseudo"
+        masks = Path(seg.seg_masks) if seg.seg_masks else run / "pseudo_train"
         if not masks.is_dir():
-            raise DataError(f"{masks}: no pseudo masks; `python wsss.py pseudo --run {run} "
-                            f"--out {masks}` writes them")
+            raise DataError(f"{masks}: no pseudo masks; `python wsss.py pseudo --run {run}` "
+                            f"writes them")
     # Random flips, as every segmentation recipe; the pseudo masks flip with their images.
     dataset = SmokeDataset(config.data, "train", size=config.model.image_size, flip=True,
                            masks=masks)
     if not dataset.has_masks:
         raise DataError(f"{Path(config.data) / 'masks'}: no ground-truth masks to train on")
     torch.manual_seed(config.train.seed)
-    model = config.model.architecture()
-    net = build_segmenter(model, seg, len(dataset.classes))
-    if seg.seg_init == "run":
-        init_from_run(net, run, seg)
-    elif seg.seg_init != "scratch":
-        raise DataError(f"--seg-init must be run or scratch, got {seg.seg_init!r}")
+    net = build_segmenter(config.model.without_weights(), seg, len(dataset.classes))
+    if seg.seg_init == "run":  # the backbone the run trained (no ImageNet weights here)
+        name = "teacher" if seg.seg_network == "resnet" else "student"
+        state = load_checkpoint(checkpoint_path(run, name))["model"]
+        net.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
+                                      if k.startswith("backbone.")})
     net = net.to(device)
     log(f"stage 3: {seg.seg_network} segmenter, {models.count_parameters(net) / 1e6:.2f} M "
         f"parameters, from {seg.seg_init}, on {masks or 'the ground-truth masks'}")
@@ -1785,8 +1682,7 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
         config.train, batch_size=seg.seg_batch_size, lr=seg.seg_lr))
 
     def step(batch, nets):
-        loss = losses.segmentation_loss(nets[name](batch["image"]), batch["mask"], IGNORE)
-        return {"loss": loss}
+        return {"loss": losses.segmentation_loss(nets[name](batch["image"]), batch["mask"], IGNORE)}
 
     train_stage(name, {name: net}, step, dataset, run, stage, seg.seg_epochs, device, log)
     return freeze(net)
@@ -1802,9 +1698,9 @@ def load_segmenter(run: Path, config: RunConfig, device: torch.device,
     if not ckpt["done"]:
         raise DataError(f"{path}: stage 3 stopped before it finished; `python wsss.py segment "
                         f"--run {run}` continues it")
-    model = config.model.architecture()
     seg = RunConfig.from_dict(ckpt["config"]).segment
-    net = build_segmenter(model, seg, len(read_classes(Path(config.data))))
+    net = build_segmenter(config.model.without_weights(), seg,
+                          len(read_classes(Path(config.data))))
     restore(net, ckpt, path)
     return freeze(net.to(device))
 
@@ -1812,43 +1708,27 @@ def load_segmenter(run: Path, config: RunConfig, device: torch.device,
 def segment_masks(net: torch.nn.Module, images: torch.Tensor, sizes: list[tuple[int, int]],
                   device: torch.device, amp: str) -> list[torch.Tensor]:
     """Stage-3 masks (h, w) uint8 at each image's own size: logits upsampled, then argmax."""
-    dtype = autocast_dtype(amp, device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                         enabled=dtype is not None):
+    with torch.no_grad(), autocast(amp, device):
         logits = net(images.to(device)).float()
     return [F.interpolate(z[None], size=size, mode="bilinear", align_corners=False)[0]
             .argmax(0).to(torch.uint8).cpu() for z, size in zip(logits, sizes)]
-
-
-def cam_masks(config: RunConfig, teacher: models.Teacher, student: models.Student, batch: dict,
-              sizes: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
-    """Without a stage-3 network: the run's CAM and refinement, gated by the CAM network's own
-    classifier (a class is present where its sigmoid exceeds 0.5); masks at each image's size."""
-    classifier = student if config.cam.cam_network == "student" else teacher
-    with torch.no_grad():
-        logits = classifier(batch["image"].to(device))[0].float()
-    batch = {**batch, "label": (torch.sigmoid(logits) > 0.5).float().cpu()}
-    cams = batch_cams(batch, config.cam, config.refine, teacher, student, device, config.train.amp)
-    masks = refine(batch["rgb"], cams, config.cam, config.refine).cpu()
-    return [resize_mask(m, size) for m, size in zip(masks, sizes)]
 
 
 def segment_split(net: torch.nn.Module, config: RunConfig, split: str, out: Path,
                   device: torch.device) -> dict | None:
     """Stage-3 masks of a whole split into `out` (file sizes), scored as `eval` scores them."""
     dataset = SmokeDataset(config.data, split, size=config.model.image_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.segment.seg_batch_size)
-    for batch in loader:
+    for batch in torch.utils.data.DataLoader(dataset, batch_size=config.segment.seg_batch_size):
         sizes = [tuple(s) for s in batch["size"].tolist()]
-        for stem, mask in zip(batch["stem"], segment_masks(net, batch["image"], sizes, device,
-                                                           config.train.amp)):
+        masks = segment_masks(net, batch["image"], sizes, device, config.train.amp)
+        for stem, mask in zip(batch["stem"], masks):
             save_mask(mask, out / f"{stem}.png")
     if not dataset.has_masks:
         return None
     return evaluate_folder(SmokeDataset(config.data, split, size=None), out)
 
 
-PREDICT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# --- prediction: masks and overlays for any images --------------------------------------------
 
 
 def find_images(paths: list[str], folder: str | None) -> list[Path]:
@@ -1860,11 +1740,11 @@ def find_images(paths: list[str], folder: str | None) -> list[Path]:
             raise DataError(f"{root}: folder not found")
         # Broken links and link loops are kept: reading them fails, and they are reported.
         files = sorted(p for p in root.iterdir()
-                       if p.suffix.lower() in PREDICT_EXTENSIONS and not p.is_dir())
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
     else:
         files = [Path(p) for p in paths]
     if not files:
-        raise DataError(f"{folder or 'the command line'}: no images ({', '.join(PREDICT_EXTENSIONS)})")
+        raise DataError(f"{folder or 'the command line'}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     seen: dict[str, Path] = {}
     for path in files:
         if path.stem in seen:
@@ -1880,36 +1760,55 @@ def overlay(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int, side: int =
     scale = min(1.0, side / max(h, w))
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     rgb = v2.functional.resize(rgb, list(size), antialias=True)
-    mask = resize_mask(mask, size)
-    painted = paint(rgb, masks=[mask == k for k in range(1, num_classes + 1)])
+    mask = postprocess.resize_mask(mask, size)
+    painted = paint(rgb, [mask == k for k in range(1, num_classes + 1)])
     return Image.fromarray(painted.permute(1, 2, 0).numpy())  # (3,H,W) -> (H,W,3)
+
+
+def cam_masks(config: RunConfig, teacher: models.Teacher, student: models.Student, batch: dict,
+              sizes: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
+    """Without a stage-3 network: the run's CAM and refinement, gated by the CAM network's own
+    classifier (a class is present where its sigmoid exceeds 0.5); masks at each image's size."""
+    classifier = student if config.cam.cam_network == "student" else teacher
+    with torch.no_grad():
+        logits = classifier(batch["image"].to(device))[0].float()
+    batch = {**batch, "label": (torch.sigmoid(logits) > 0.5).float().cpu()}
+    cams = batch_cams(batch, config.cam, config.refine, teacher, student, device, config.train.amp)
+    masks = refine(batch["rgb"], cams, config.cam, config.refine).cpu()
+    return [postprocess.resize_mask(m, size) for m, size in zip(masks, sizes)]
+
+
+def read_batch(files: list[Path], size: int) -> tuple[list, dict, list[str]]:
+    """Decodable files as (path, full-size RGB (3,H,W)), the network's batch of them, and the
+    files that do not decode (reported and skipped)."""
+    loaded, skipped = [], []
+    for path in files:
+        try:
+            rgb = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)  # -> (3,H,W)
+            loaded.append((path, rgb))
+        except DataError as e:
+            print(f"skipped {e}", flush=True)
+            skipped.append(str(path))
+    rgb = torch.stack([v2.functional.resize(r, [size, size], antialias=True) for _, r in loaded]
+                      ) if loaded else None
+    return loaded, {"image": network_input(rgb), "rgb": rgb} if loaded else {}, skipped
 
 
 def predict(run: Path, files: list[Path], out: Path, device: torch.device,
             batch_size: int) -> dict:
     """Masks (OUT/<stem>.png, class indices at the input's size) and overlays
-    (OUT/overlays/<stem>.jpg) for any images. Unreadable files are reported and skipped."""
+    (OUT/overlays/<stem>.jpg) for any images: by the stage-3 network when the run has one."""
     config, teacher, student = load_run(run, device)
     segmenter = load_segmenter(run, config, device)
     num_classes = len(read_classes(Path(config.data)))
-    size = config.model.image_size
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     skipped, done, began = [], 0, time.perf_counter()
     for start in range(0, len(files), batch_size):
-        loaded = []
-        for path in files[start:start + batch_size]:
-            try:
-                pil = load_image(path)
-            except DataError as e:
-                print(f"skipped {e}", flush=True)
-                skipped.append(str(path))
-                continue
-            loaded.append((path, torch.from_numpy(np.array(pil)).permute(2, 0, 1)))  # (H,W,3) -> (3,H,W)
+        loaded, batch, bad = read_batch(files[start:start + batch_size], config.model.image_size)
+        skipped += bad
         if not loaded:
             continue
         sizes = [tuple(rgb.shape[1:]) for _, rgb in loaded]
-        rgb = torch.stack([v2.functional.resize(r, [size, size], antialias=True) for _, r in loaded])
-        batch = {"image": network_input(rgb), "rgb": rgb}
         if segmenter is not None:
             masks = segment_masks(segmenter, batch["image"], sizes, device, config.train.amp)
         else:
@@ -1918,17 +1817,14 @@ def predict(run: Path, files: list[Path], out: Path, device: torch.device,
             save_mask(mask, out / f"{path.stem}.png")
             overlay(full, mask, num_classes).save(out / "overlays" / f"{path.stem}.jpg", quality=90)
         done += len(loaded)
-    seconds = time.perf_counter() - began
-    return {"images": done, "skipped": skipped, "seconds": seconds,
+    return {"images": done, "skipped": skipped, "seconds": time.perf_counter() - began,
             "method": "stage-3 network" if segmenter is not None else
             f"{config.cam.cam_network} CAM + refinement"}
 
 
-# -----------------------------------------------------------------------------
-# Ablation: the paper's comparisons, trained once per distinct training setting and seed
+# --- the ablation: the paper's comparisons, one training per distinct setting and seed ---------
 
-# key -> (label, training overrides, CAM/refine overrides); rows with equal training
-# overrides share their trained runs.
+# key -> (label, training overrides, CAM/refine overrides)
 ABLATION_ROWS = {
     "teacher": ("teacher CAM (ResNet)", {}, {"cam_network": "teacher"}),
     "alone": ("student CAM alone (ViT, λ = 0)", {"align_weight": 0.0}, {}),
@@ -1937,174 +1833,70 @@ ABLATION_ROWS = {
     "spatial": ("aligned student, cosine spatial", {"align_reduce": "spatial"}, {}),
     "l1": ("aligned student, L1 global", {"align_kind": "l1"}, {}),
     "l2": ("aligned student, L2 global", {"align_kind": "l2"}, {}),
-    "cotrain": ("co-training from scratch, cosine global", {"mode": "co-train"}, {}),
     "lambda0.3": ("λ = 0.3", {"align_weight": 0.3}, {}),
     "lambda0.5": ("λ = 0.5", {"align_weight": 0.5}, {}),
     "lambda1.5": ("λ = 1.5", {"align_weight": 1.5}, {}),
-    "consistency": ("+ consistency loss (μ = 1)", {"consistency_weight": 1.0}, {}),
+    "no-consistency": ("no consistency loss (μ = 0)", {"consistency_weight": 0.0}, {}),
     "single-scale": ("single-scale CAM (no multi-scale, no flip)", {},
                      {"cam_scales": (1.0,), "cam_flip": False}),
     "crf": ("+ dense CRF", {}, {"crf": True}),
-    "fill": ("+ coverage fix", {}, {"fill": True}),
-    "crf+fill": ("+ dense CRF + coverage fix", {}, {"crf": True, "fill": True}),
+    "coverage": ("+ coverage fix", {}, {"coverage_fix": True}),
+    "crf+coverage": ("+ dense CRF + coverage fix", {}, {"crf": True, "coverage_fix": True}),
 }
 QUICK_ROWS = ("teacher", "alone", "aligned", "crf")
 # The full grid's student budget (the default run and --quick: 8 epochs), so that its student
-# trainings and CAM passes over 3 seeds fit in an hour on 2 CPU cores.
+# trainings over 3 seeds fit in about an hour on 2 CPU cores.
 ABLATION_STUDENT_EPOCHS = 4
 
 
-# With one class the maps have one channel: the per-channel cosine is then the global cosine
-# itself, and the per-location cosine compares single numbers (always +-1: its gradient is
-# rounding noise). Those rows share a run instead of training the same network again.
-# row -> (the row whose run it shares, the note its label gets). The paper's maps also have a
-# background channel.
-ONE_CHANNEL_SHARES = {"channel": ("aligned", "one channel: = global"),
-                      "spatial": ("alone", "one channel: no gradient, = λ = 0")}
-
-
-def training_overrides(name: str, one_channel: bool) -> dict:
-    """A row's training overrides, those of the row whose run it shares when it has to."""
-    if one_channel and name in ONE_CHANNEL_SHARES:
-        name = ONE_CHANNEL_SHARES[name][0]
-    return ABLATION_ROWS[name][1]
-
-
-def run_name(overrides: dict, seed: int) -> str:
-    parts = [f"{k}={v}" for k, v in sorted(overrides.items())] or ["default"]
-    return "_".join(parts).replace(" ", "") + f"_seed{seed}"
+def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
+    """`base` with some fields (named without their part) replaced."""
+    parts = {name: getattr(base, name) for name in CONFIGS}
+    for key, value in overrides.items():
+        name = FIELDS[key][0]
+        parts[name] = dataclasses.replace(parts[name], **{key: value})
+    return RunConfig(data=base.data, **parts)
 
 
 def ablation_run(root: Path, base: RunConfig, overrides: dict, seed: int) -> Path:
     """Train (or reuse) the run of one training setting. Runs of one seed share the teacher
     stage: it does not depend on the student's settings, so its checkpoint is copied."""
-    run = root / run_name(overrides, seed)
+    config = with_overrides(base, {**overrides, "seed": seed})
+    # Overrides that change nothing (a row's setting is already the base's) share its run.
+    changed = {k: v for k, v in overrides.items() if getattr(getattr(base, FIELDS[k][0]), k) != v}
+    name = "_".join(f"{k}={v}" for k, v in sorted(changed.items())) or "default"
+    run = root / f"{name.replace(' ', '')}_seed{seed}"
     if (run / "student.pt").is_file() and load_checkpoint(run / "student.pt")["done"]:
         return run
-    values = {name: dataclasses.asdict(getattr(base, name)) for name in CONFIGS}
-    for key, value in {**overrides, "seed": seed}.items():
-        part = next(n for n, cls in CONFIGS.items() if key in {f.name for f in dataclasses.fields(cls)})
-        values[part][key] = value
-    config = RunConfig.from_dict({"data": base.data, **values})
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    shared = root / run_name({}, seed) / "teacher.pt"
-    if config.train.mode == "distill" and shared.is_file() and not (run / "teacher.pt").exists():
+    shared = root / f"default_seed{seed}" / "teacher.pt"
+    if shared.is_file() and not (run / "teacher.pt").exists():
         shutil.copy(shared, run / "teacher.pt")
-    log = Log(run / "log.txt")
     dataset = SmokeDataset(config.data, "train", size=config.model.image_size,
                            flip=config.train.flip, crop=config.train.crop)
-    train_networks(run, config, dataset, pick_device(config.train.device), log)
+    train_networks(run, config, dataset, pick_device(config.train.device), Log(run / "log.txt"))
     return run
 
 
-def score_rows(run: Path, base: RunConfig, names: list[str], split: str) -> dict:
-    """Pseudo-mask scores on `split` of the rows `names`, which share the trained `run`.
-    Rows that differ only after the CAMs (CRF, coverage fix) share one multi-scale pass."""
+def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split: str) -> dict:
+    """Pseudo-mask scores on `split` (label -> one result per seed) of every row; each
+    distinct training setting is trained once per seed."""
     device = pick_device(base.train.device)
-    config, teacher, student = load_run(run, device)
-    dataset = SmokeDataset(base.data, split, size=base.model.image_size)
-    settings = {}
-    for name in names:
-        overrides = argparse.Namespace(**ABLATION_ROWS[name][2])
-        settings[name] = (config_from_args(CamConfig, overrides, base.cam),
-                          config_from_args(RefineConfig, overrides, base.refine))
-    scores = {name: Scores(len(dataset.classes)) for name in names}
-    for batch in torch.utils.data.DataLoader(dataset, batch_size=base.cam.cam_batch_size):
-        raw = {}
-        for name, (cam, refine_config) in settings.items():
-            key = (cam.cam_network, cam.cam_method, cam.cam_scales, cam.cam_flip)
-            if key not in raw:
-                raw[key] = raw_batch_cams(batch, cam, teacher, student, device, config.train.amp)
-            cams = finish_cams(raw[key], batch, refine_config, student, device)
-            scores[name].add_batch(refine(batch["rgb"], cams, cam, refine_config).cpu(), batch,
-                                   dataset)
-    return {name: s.result() for name, s in scores.items()}
-
-
-def _quiet_worker(threads: int) -> None:
-    """A task process: its share of the cores; progress goes to the runs' log files."""
-    torch.set_num_threads(threads)
-    sys.stdout = open(os.devnull, "w")
-
-
-def run_tasks(tasks: list[tuple], jobs: int) -> list:
-    """Run tasks (description, function, args, indices of the tasks it needs first), at most
-    `jobs` at a time in processes that split the cores; their results, in order. One job runs
-    them here, in order (a task is listed after the tasks it needs)."""
-    results, began = {}, time.perf_counter()
-
-    def finished(i: int, result) -> None:
-        results[i] = result
-        print(f"[{len(results)}/{len(tasks)}] {tasks[i][0]} ({time.perf_counter() - began:.0f} s)",
-              flush=True)
-
-    if jobs == 1:
-        for i, (_, fn, args, _) in enumerate(tasks):
-            finished(i, fn(*args))
-        return [results[i] for i in range(len(tasks))]
-    import concurrent.futures as cf
-    import multiprocessing
-    threads = max(1, torch.get_num_threads() // jobs)
-    pending, running = dict(enumerate(tasks)), {}
-    with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                initializer=_quiet_worker, initargs=(threads,)) as pool:
-        while pending or running:
-            for i, (_, fn, args, needs) in list(pending.items()):
-                if len(running) < jobs and all(n in results for n in needs):
-                    running[pool.submit(fn, *args)] = i
-                    del pending[i]
-            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for future in done:
-                finished(running.pop(future), future.result())
-    return [results[i] for i in range(len(tasks))]
-
-
-def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split: str,
-           jobs: int = 1) -> dict:
-    """Pseudo-mask scores on `split` (label -> one result per seed) of every row: each distinct
-    training setting trained once per seed, then scored, on `jobs` processes."""
-    # The raw target has one channel a class; the pair target adds the background channel.
-    one_channel = len(read_classes(Path(base.data))) == 1 and base.loss.align_target == "raw"
-    runs = {}  # run key (name, seed) -> (training overrides, rows scored on that run)
-    row_run = {}  # (row, seed) -> run key
-    for seed in seeds:
-        for name in rows:
-            overrides = training_overrides(name, one_channel)
-            key = row_run[name, seed] = (run_name(overrides, seed), seed)
-            runs.setdefault(key, (overrides, []))[1].append(name)
-
-    def default(key: tuple) -> tuple:  # the run of the same seed whose teacher the others copy
-        return (run_name({}, key[1]), key[1])
-
-    def independent(key: tuple) -> bool:
-        overrides = runs[key][0]
-        return not overrides or overrides.get("mode") == "co-train" or default(key) not in runs
-
-    # Runs that need no other run first start first; each run's scoring follows it.
-    order = sorted(runs, key=lambda key: not independent(key))
-    tasks, trained = [], {}
-    for key in order:
-        overrides, _ = runs[key]
-        needs = [] if independent(key) else [trained[default(key)]]
-        trained[key] = len(tasks)
-        tasks.append((f"trained {key[0]}", ablation_run, (root, base, overrides, key[1]), needs))
-    scored = {}
-    for key in order:
-        scored[key] = len(tasks)
-        tasks.append((f"scored {key[0]} on {split}", score_rows,
-                      (root / key[0], base, runs[key][1], split), [trained[key]]))
-    results = run_tasks(tasks, jobs)
     table = {}
-    for name in rows:
-        label = ABLATION_ROWS[name][0]
-        if one_channel and name in ONE_CHANNEL_SHARES:
-            label += f" ({ONE_CHANNEL_SHARES[name][1]})"
-        for seed in seeds:
-            scores = results[scored[row_run[name, seed]]][name]
+    for seed in seeds:
+        for name in sorted(rows, key=lambda n: bool(ABLATION_ROWS[n][1])):  # default runs first
+            label, training, read_out = ABLATION_ROWS[name]
+            run = ablation_run(root, base, training, seed)
+            config, teacher, student = load_run(run, device)
+            o = argparse.Namespace(**read_out)
+            cam = config_from_args(CamConfig, o, base.cam)
+            dataset = SmokeDataset(base.data, split, size=base.model.image_size)
+            scores = score_masks(dataset, cam, config_from_args(RefineConfig, o, base.refine),
+                                 teacher, student, device, config.train.amp)
             table.setdefault(label, []).append(scores)
             print(format_scores(f"{label} (seed {seed})", scores), flush=True)
-    return table
+    return {ABLATION_ROWS[n][0]: table[ABLATION_ROWS[n][0]] for n in rows}
 
 
 def ablation_table(results: dict, split: str) -> str:
@@ -2126,233 +1918,7 @@ def ablation_table(results: dict, split: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# -----------------------------------------------------------------------------
-# Benchmarks: ours and the reference, side by side in one run, interleaved step by step
-
-
-def _train_step_seconds(net: torch.nn.Module, x: torch.Tensor, amp: bool) -> float:
-    start = time.perf_counter()
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = net(x)
-    out.float().square().mean().backward()
-    net.zero_grad(set_to_none=True)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def bench_models(device: torch.device, batch: int, size: int, steps: int) -> list[dict]:
-    """Training-step throughput (forward + backward) of our networks vs torchvision's."""
-    from torchvision.models import resnet50 as tv_resnet50
-    from torchvision.models.vision_transformer import VisionTransformer as TvViT
-
-    pairs = {
-        "ResNet-50": (models.resnet50(), tv_resnet50()),
-        "ViT-S/16": (models.vit_small(img_size=size),
-                     TvViT(image_size=size, patch_size=16, num_layers=12, num_heads=6,
-                           hidden_dim=384, mlp_dim=1536)),
-    }
-    x = torch.randn(batch, 3, size, size, device=device)
-    rows = []
-    for name, (ours, theirs) in pairs.items():
-        ours.to(device).train()
-        theirs.to(device).train()
-        for amp in (False, True):
-            times = {"ours": [], "theirs": []}
-            for step in range(steps + 1):  # step 0 warms up
-                order = (("ours", ours), ("theirs", theirs))
-                for who, net in order[::1 if step % 2 else -1]:  # alternate who goes first
-                    seconds = _train_step_seconds(net, x, amp)
-                    if step:
-                        times[who].append(seconds)
-            ips = {who: batch / float(np.median(t)) for who, t in times.items()}
-            rows.append({"model": name, "precision": "bf16 autocast" if amp else "float32",
-                         "ours": ips["ours"], "reference": ips["theirs"],
-                         "ratio": ips["ours"] / ips["theirs"]})
-            print(f"{name:10s} {rows[-1]['precision']:14s} ours {ips['ours']:7.2f} img/s   "
-                  f"reference {ips['theirs']:7.2f} img/s   ratio {rows[-1]['ratio']:.2f}")
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# Commands
-
-
-def cmd_synth(args: argparse.Namespace) -> None:
-    config = config_from_args(SynthConfig, args)
-    check_settings(config)
-    start = time.perf_counter()
-    with output_dir(Path(args.out), args.force) as tmp:
-        counts = synthesize(tmp, config)
-    seconds = time.perf_counter() - start
-    total = config.n_train + config.n_val
-    print(f"wrote {args.out}: {json.dumps(counts)} in {seconds:.1f} s "
-          f"({total / seconds:.0f} images/s)")
-
-
-def cmd_prepare(args: argparse.Namespace) -> None:
-    config = config_from_args(PrepareConfig, args)
-    check_settings(config)
-    src = Path(args.src)
-    with output_dir(Path(args.dst), args.force, folders=(src,)) as tmp:
-        counts = prepare_smoke5k(src, tmp, config)
-    print(f"wrote {args.dst}: {json.dumps(counts)}")
-
-
-def config_from_flags(args: argparse.Namespace) -> RunConfig:
-    """The preset's values, then every flag the user gave; checked before any work."""
-    preset = PRESETS[args.preset]
-    parts = {name: config_from_args(cls, args, cls(**preset.get(name, {})))
-             for name, cls in CONFIGS.items()}
-    config = RunConfig(data=str(args.data or DEFAULT_DATA), **parts)
-    check_run_config(config)
-    return config
-
-
-def check_run_config(config: RunConfig) -> None:
-    """Every setting in range, the settings that depend on each other consistent, and the
-    device present: before a folder is made or a network trained."""
-    check_settings(config)
-    m = config.model
-    if m.image_size % m.patch_size:
-        raise DataError(f"--image-size {m.image_size}: must be a multiple of --patch-size "
-                        f"{m.patch_size}")
-    if m.student_stem == "conv" and m.patch_size & (m.patch_size - 1):
-        raise DataError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
-                        f"(or --student-stem patch)")
-    device = pick_device(config.train.device)
-    autocast_dtype(config.train.amp, device)  # fp16 without CUDA is named here
-
-
-def given_flags(args: argparse.Namespace, classes) -> list[str]:
-    """The config flags the user gave on the command line, as --names."""
-    return ["--" + f.name.replace("_", "-") for cls in classes for f in dataclasses.fields(cls)
-            if getattr(args, f.name, None) is not None]
-
-
-def peak_memory_mb() -> float:
-    import resource  # POSIX; ru_maxrss is in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    began = time.perf_counter()
-    if args.resume:
-        run = Path(args.resume)
-        config = read_run_config(run)
-        flags = given_flags(args, CONFIGS.values()) + (["--data"] if args.data else [])
-        if flags:
-            raise DataError(f"--resume continues {run} with the settings it began with; "
-                            f"{', '.join(flags)} cannot change them (start a new run instead)")
-        check_run_config(config)
-    else:
-        config = config_from_flags(args)
-
-        def make_run_folder() -> Path:
-            run = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-            if not args.data:
-                ensure_default_data(DEFAULT_DATA)
-            verify_splits(Path(config.data))  # bad data stops here, before a run folder is made
-            fresh_output_dir(run, args.force, folders=(config.data,))
-            (run / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            return run
-
-        run = on_first_process(make_run_folder)
-    log = Log(run / "log.txt")
-    log(f"run {run}: " + json.dumps(config.to_dict()))
-    size = config.model.image_size
-    dataset = SmokeDataset(config.data, "train", size=size, flip=config.train.flip,
-                           crop=config.train.crop)
-    device = pick_device(config.train.device)
-    log(f"{config.data}: {len(dataset)} training images, classes {dataset.classes}; device "
-        f"{device}, autocast {autocast_dtype(config.train.amp, device)}")
-    teacher, student = train_networks(run, config, dataset, device, log)
-    alone = train_alone(run, config, dataset, device, log) if config.train.baseline else None
-    plain = SmokeDataset(config.data, "train", size=size)
-    write_pseudo_masks(plain, run / "pseudo", config.cam, config.refine, teacher, student,
-                       device, config.train.amp, run / "overlays.png")
-    log(f"pseudo masks: {run / 'pseudo'} ({len(plain)} PNGs), overlays: {run / 'overlays.png'}")
-    split = "val" if (Path(config.data) / "val.txt").is_file() else "train"
-    scored = SmokeDataset(config.data, split, size=size)
-    if scored.has_masks:
-        rows = {"teacher CAM (ResNet)": (dataclasses.replace(config.cam, cam_network="teacher"),
-                                         None),
-                "student alone (ViT)": (config.cam, alone),
-                "aligned student (ViT)": (config.cam, student)}
-        scores = {name: score_masks(scored, cam, config.refine, teacher, net, device,
-                                    config.train.amp)
-                  for name, (cam, net) in rows.items() if cam.cam_network == "teacher" or net}
-        for name, (cam, net) in rows.items():  # how well each network classifies, too
-            if name in scores:
-                scores[name]["bce"] = classification_bce(teacher if net is None else net, scored,
-                                                         device)
-        log(f"pseudo masks of the {split} split ({len(scored)} images) vs ground truth, one "
-            f"read-out for all (threshold {config.cam.threshold}, scales "
-            f"{list(config.cam.cam_scales)}; students' map: {config.cam.cam_method}):")
-        for name, r in scores.items():
-            log(format_scores(f"  {name:22s}", r))
-        if world()[0] == 0:
-            (run / "scores.json").write_text(json.dumps({"split": split, **scores}, indent=2)
-                                             + "\n")
-    log(f"wall time {time.perf_counter() - began:.0f} s, peak memory {peak_memory_mb():.0f} MB")
-
-
-def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
-                       ) -> float:
-    """The network's L_cls over a split (float32): how well it has learned the labels."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in loader:
-            logits = net(batch["image"].to(device))[0].float()
-            labels = batch["label"].to(device)
-            total += losses.classification_loss(logits, labels).item() * labels.numel()
-            count += labels.numel()
-    return total / count
-
-
-def score_masks(dataset: "SmokeDataset", cam_config: CamConfig, refine_config: RefineConfig,
-                teacher, student, device: torch.device, amp: str) -> dict:
-    """Scores of the pseudo masks of one network over a split, without writing files."""
-    scores = Scores(len(dataset.classes))
-    for batch, _, masks in pseudo_masks(dataset, cam_config, refine_config, teacher, student,
-                                        device, amp):
-        scores.add_batch(masks, batch, dataset)
-    return gather_scores(scores).result()
-
-
-def gather_scores(scores: "Scores") -> "Scores":
-    """Under torchrun every process scored its share of a split; add them up."""
-    if world()[1] == 1:
-        return scores
-    shares = [None] * world()[1]
-    dist.all_gather_object(shares, scores)
-    for other in shares[1:]:
-        shares[0].merge(other)
-    return shares[0]
-
-
-def cmd_pseudo(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
-    run = Path(args.run)
-    config, teacher, student = load_run(run, device)
-    cam = config_from_args(CamConfig, args, config.cam)
-    refine_config = config_from_args(RefineConfig, args, config.refine)
-    check_settings(cam, refine_config)
-    data = Path(args.data or config.data)
-    dataset = SmokeDataset(data, args.split, size=config.model.image_size)
-    out = Path(args.out or run / f"pseudo_{args.split}")
-    began = time.perf_counter()
-    with output_dir(out, args.force, inputs=run_files(run), folders=(data,)) as tmp:
-        scores = write_pseudo_masks(dataset, tmp, cam, refine_config, teacher, student, device,
-                                    config.train.amp, tmp / "overlays.png", args.save_cams)
-    seconds = time.perf_counter() - began
-    print(f"wrote {len(dataset)} masks to {out} in {seconds:.1f} s "
-          f"({len(dataset) / seconds:.1f} images/s); overlays: {out / 'overlays.png'}")
-    if scores is not None:
-        print(format_scores(f"{data.name} {args.split}, {cam.cam_network} CAM", scores))
-        if args.json:
-            print(json.dumps(scores))
+# --- the CRF benchmark: ours against pydensecrf, side by side in one run ----------------------
 
 
 def cam_like(truth: torch.Tensor, seed: int) -> torch.Tensor:
@@ -2446,37 +2012,55 @@ def bench_crf(photos: list[tuple[Path, Path]], iters: int, batch: int) -> list[d
     return rows
 
 
-def threshold_sweep(dataset: "SmokeDataset", cams_dir: Path, thresholds: list[float]) -> dict:
-    """Smoke IoU of the CAMs in cams_dir thresholded at each background score (SEAM's curve),
-    and the per-image oracle: each image at its own best threshold, IoU averaged per image."""
-    if not cams_dir.is_dir():
-        raise DataError(f"{cams_dir}: no CAMs; write them with `pseudo --save-cams`")
-    curve = [Scores(len(dataset.classes)) for _ in thresholds]
-    oracle = []
-    for i, sample in enumerate(dataset.samples):
-        path = cams_dir / f"{sample.stem}.npy"
-        if not path.is_file():
-            raise DataError(f"{path}: CAM missing for {sample.stem}")
-        item = dataset[i]
-        cams = torch.from_numpy(np.load(path).astype(np.float32))[None]
-        cams = F.interpolate(cams, size=item["mask"].shape, mode="bilinear", align_corners=False)
-        ious = []
-        for scores, t in zip(curve, thresholds):
-            mask = postprocess.probs_to_mask(postprocess.cams_to_probs(cams, "threshold", t))[0]
-            before = len(scores.image_ious)
-            scores.add(mask, item["mask"], item.get("context"))
-            ious += scores.image_ious[before:]  # one IoU when the image shows smoke
-        if ious:
-            oracle.append(max(ious))
-    rows = [{"threshold": t, **s.result()} for t, s in zip(thresholds, curve)]
-    top = max(rows, key=lambda r: r["smoke_iou"])
-    return {"curve": rows, "best_threshold": top["threshold"], "best_smoke_iou": top["smoke_iou"],
-            "oracle_image_iou": 100 * float(np.mean(oracle)) if oracle else float("nan")}
+# --- the commands ----------------------------------------------------------------------------
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    config = config_from_args(SynthConfig, args)
+    check_settings(config)
+    start = time.perf_counter()
+    with output_dir(Path(args.out), args.force) as tmp:
+        counts = synthesize(tmp, config)
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.out}: {json.dumps(counts)} in {seconds:.1f} s "
+          f"({(config.n_train + config.n_val) / seconds:.0f} images/s)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    config = config_from_args(PrepareConfig, args)
+    check_settings(config)
+    src = Path(args.src)
+    with output_dir(Path(args.dst), args.force, folders=(src,)) as tmp:
+        counts = prepare_smoke5k(src, tmp, config)
+    print(f"wrote {args.dst}: {json.dumps(counts)}")
+
+
+def cmd_pseudo(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    run = run_path(args.run)
+    config, teacher, student = load_run(run, device)
+    cam = config_from_args(CamConfig, args, config.cam)
+    refine_config = config_from_args(RefineConfig, args, config.refine)
+    check_settings(cam, refine_config)
+    data = Path(args.data or config.data)
+    dataset = SmokeDataset(data, args.split, size=config.model.image_size)
+    out = Path(args.out or run / f"pseudo_{args.split}")
+    began = time.perf_counter()
+    with output_dir(out, args.force, inputs=run_files(run), folders=(data,)) as tmp:
+        scores = write_pseudo_masks(dataset, tmp, cam, refine_config, teacher, student, device,
+                                    config.train.amp, tmp / "overlays.png")
+    seconds = time.perf_counter() - began
+    print(f"wrote {len(dataset)} mask{'s' * (len(dataset) != 1)} to {out} in {seconds:.1f} s "
+          f"({len(dataset) / seconds:.1f} images/s); overlays: {out / 'overlays.png'}")
+    if scores is not None:
+        print(format_scores(f"{data.name} {args.split}, {cam.cam_network} CAM", scores))
+        if args.json:
+            print(json.dumps(scores))
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
     began = time.perf_counter()
-    run = Path(args.run)
+    run = run_path(args.run)
     config = read_run_config(run)
     seg = config_from_args(SegmentConfig, args, config.segment)
     check_settings(seg)
@@ -2494,17 +2078,17 @@ def cmd_segment(args: argparse.Namespace) -> None:
         return seg
 
     config = dataclasses.replace(config, segment=on_first_process(settings))
-    seg = config.segment
     device = pick_device(args.device or config.train.device)
     log = Log(run / "log.txt")
-    log(f"segment {run}: " + json.dumps(dataclasses.asdict(seg)))
+    log(f"segment {run}: " + json.dumps(dataclasses.asdict(config.segment)))
     net = train_segmenter(run, config, device, log)
     if (Path(config.data) / "val.txt").is_file() and world()[0] == 0:
         out = run / f"{name}_val"
         fresh_output_dir(out, force=True)  # derived from the checkpoint: always rewritten
         scores = segment_split(net, config, "val", out, device)
         if scores is not None:
-            log(format_scores(f"stage 3 ({seg.seg_targets}) on val vs ground truth", scores))
+            log(format_scores(f"stage 3 ({config.segment.seg_targets}) on val vs ground truth",
+                              scores))
             (run / f"{name}_val.json").write_text(json.dumps(scores, indent=2) + "\n")
     log(f"wall time {time.perf_counter() - began:.0f} s; `python wsss.py predict --run {run} "
         f"--input DIR` segments new images")
@@ -2513,7 +2097,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     if bool(args.images) == bool(args.input):
         raise DataError("name images, or a folder with --input (not both)")
-    run = Path(args.run)
+    run = run_path(args.run)
     read_run_config(run)  # a wrong --run is named before any image is read
     files = find_images(args.images, args.input)
     out = Path(args.out or run / "predict")
@@ -2521,8 +2105,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     folders = (Path(args.input),) if args.input else ()
     with output_dir(out, args.force, inputs=(*files, *run_files(run)), folders=folders) as tmp:
         r = predict(run, files, tmp, device, args.batch_size)
-    print(f"{r['images']} masks in {out} ({r['method']}, {device}): {r['seconds']:.1f} s, "
-          f"{r['images'] / max(r['seconds'], 1e-9):.1f} images/s; overlays in {out / 'overlays'}")
+    print(f"{r['images']} mask{'s' * (r['images'] != 1)} in {out} ({r['method']}, {device}): "
+          f"{r['seconds']:.1f} s, {r['images'] / max(r['seconds'], 1e-9):.1f} images/s; "
+          f"overlays in {out / 'overlays'}")
     if r["skipped"]:
         print(f"skipped {len(r['skipped'])} unreadable file(s): {', '.join(r['skipped'][:5])}"
               + (" ..." if len(r["skipped"]) > 5 else ""))
@@ -2531,15 +2116,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     dataset = SmokeDataset(Path(args.data), args.split, size=None)
     result = evaluate_folder(dataset, Path(args.pred))
-    if args.sweep:
-        result["sweep"] = threshold_sweep(dataset, Path(args.pred) / "cams",
-                                          [round(0.05 * k, 2) for k in range(1, 20)])
     if args.json:
-        print(json.dumps(result))
-        return
+        return print(json.dumps(result))
     print(f"{len(dataset)} images of {args.data} {args.split} vs {args.pred}")
-    names = ["background", *dataset.classes]
-    for name, iou in zip(names, result["per_class_iou"]):
+    for name, iou in zip(["background", *dataset.classes], result["per_class_iou"]):
         print(f"  IoU {name:12s} {iou:6.2f}")
     for key, label in (("miou", "mIoU"), ("precision", "smoke precision"),
                        ("recall", "smoke recall (coverage)"), ("boundary_f1", "boundary F1 (2 px)"),
@@ -2547,13 +2127,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
                        ("context_fp", "chimney pixels called smoke %")):
         value = result[key]
         print(f"  {label:30s} " + ("   n/a" if math.isnan(value) else f"{value:6.2f}"))
-    if args.sweep:
-        sweep = result["sweep"]
-        print("  background threshold -> smoke IoU: " + ", ".join(
-            f"{r['threshold']:.2f}: {r['smoke_iou']:.1f}" for r in sweep["curve"]))
-        print(f"  best threshold {sweep['best_threshold']:.2f}: smoke IoU "
-              f"{sweep['best_smoke_iou']:.2f}; per-image oracle threshold: smoke IoU per image "
-              f"{sweep['oracle_image_iou']:.2f}")
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -2568,163 +2141,72 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     root.mkdir(parents=True, exist_ok=True)
     rows = args.rows or list(QUICK_ROWS if args.quick else ABLATION_ROWS)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    jobs = args.jobs or (min(2, os.cpu_count() or 1) if not args.quick and
-                         pick_device(base.train.device).type == "cpu" else 1)
     print(f"ablate: rows {' '.join(rows)}; seeds {' '.join(map(str, seeds))}; scored on "
-          f"{args.split}; {jobs} job{'s' if jobs > 1 else ''}; " + json.dumps(base.to_dict()),
-          flush=True)
-    results = ablate(root, base, rows, seeds, args.split, jobs)
+          f"{args.split}\n{describe(base)}", flush=True)
+    results = ablate(root, base, rows, seeds, args.split)
     table = ablation_table(results, args.split)
     (root / "ablation.md").write_text(table)
     (root / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
-    figure = ablation_figure(root, base, seeds[0], args.split)
-    print(f"wrote {root / 'ablation.md'}{', ' + str(figure) if figure else ''} in "
-          f"{time.perf_counter() - began:.0f} s")
-
-
-def ablation_figure(root: Path, base: RunConfig, seed: int, split: str) -> Path | None:
-    """Per image: photo, teacher CAM, student CAM alone, aligned student CAM, its pseudo mask
-    refined by the CRF, ground truth; from the ablation's runs of one seed, when they exist."""
-    aligned, alone = root / run_name({}, seed), root / run_name({"align_weight": 0.0}, seed)
-    if not ((aligned / "student.pt").is_file() and (alone / "student.pt").is_file()):
-        return None
-    device = pick_device(base.train.device)
-    config, teacher, student = load_run(aligned, device)
-    student_alone = load_run(alone, device)[2]
-    dataset = SmokeDataset(base.data, split, size=config.model.image_size)
-    crf = dataclasses.replace(config.refine, crf=True)
-
-    def cam_panel(network: str, s: models.Student):
-        cam_config = dataclasses.replace(config.cam, cam_network=network)
-        return lambda batch: torch.stack([
-            paint(rgb, cam[0]) for rgb, cam in
-            zip(batch["rgb"], batch_cams(batch, cam_config, config.refine, teacher, s, device))])
-
-    def refined(batch):
-        cams = batch_cams(batch, config.cam, crf, teacher, student, device)
-        masks = refine(batch["rgb"], cams, config.cam, crf).cpu()
-        return torch.stack([paint(rgb, masks=[m == 1]) for rgb, m in zip(batch["rgb"], masks)])
-
-    path = root / "figure.png"
-    comparison_figure(dataset, [cam_panel("teacher", student), cam_panel("student", student_alone),
-                                cam_panel("student", student), refined], path)
-    return path
-
-
-def saved_for_backward(fn, net: torch.nn.Module) -> int:
-    """Bytes of the activations autograd saves for backward while fn() runs (the weights it
-    also saves, or views of them, are the network's own memory and not counted)."""
-    weights = {id(p) for p in net.parameters()}
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if id(t) not in weights and (t._base is None or id(t._base) not in weights):
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-def training_memory(config: RunConfig, num_classes: int = 1) -> list[dict]:
-    """Memory of a training step of each stage, counted on the meta device (no compute, no
-    memory used): the trained parameters four times in float32 (weights, gradients, AdamW's
-    two moments), the frozen teacher's weights, and the activations autograd saves, float32,
-    attention maps included (fused attention on a GPU saves less; bf16 autocast about half)."""
-    m, t = config.model.architecture(), config.train
-    rows = []
-    with torch.device("meta"):
-        teacher, student = build_teacher(m, num_classes), build_student(m, num_classes)
-        images = torch.empty(t.batch_size, 3, m.image_size, m.image_size)
-        teacher_bytes = 4 * sum(p.numel() for p in teacher.parameters())
-        student_bytes = 4 * sum(p.numel() for p in student.parameters())
-        rows.append({"stage": "teacher", "parameters": teacher_bytes / 4,
-                     "state": 4 * teacher_bytes,
-                     "activations": saved_for_backward(lambda: teacher(images), teacher)})
-        freeze(teacher)
-        rows.append({"stage": "student", "parameters": student_bytes / 4,
-                     "state": 4 * student_bytes + teacher_bytes,
-                     "activations": saved_for_backward(lambda: student(images), student)})
-    for row in rows:
-        row["total"] = row["state"] + row["activations"]
-    return rows
-
-
-def measured_step_memory(config: RunConfig, device: torch.device, num_classes: int = 1) -> list[int]:
-    """Peak CUDA memory of one real training step of each stage (bytes), with the config's
-    autocast and memory format."""
-    m, t = config.model.architecture(), config.train
-    dtype = autocast_dtype(t.amp, device)
-    teacher = build_teacher(m, num_classes).to(device)
-    student = build_student(m, num_classes).to(device)
-    images = torch.randn(t.batch_size, 3, m.image_size, m.image_size, device=device)
-    labels = torch.ones(t.batch_size, num_classes, device=device)
-    if t.channels_last:
-        teacher.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
-    peaks = []
-    for stage in ("teacher", "student"):
-        net = teacher if stage == "teacher" else student
-        optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(2):  # the second step holds AdamW's moments too
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                if stage == "teacher":
-                    loss = losses.classification_loss(teacher(images)[0], labels)
-                else:
-                    with torch.no_grad():
-                        _, teacher_maps = teacher(images)
-                    loss = student_losses(student, images, labels, teacher_maps, config.loss)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        peaks.append(torch.cuda.max_memory_allocated(device))
-        if stage == "teacher":
-            freeze(teacher)
-    return peaks
-
-
-def bench_memory(config: RunConfig, device: torch.device) -> None:
-    gib = 2 ** 30
-    m, t = config.model, config.train
-    print(f"{m.teacher} (output stride {m.output_stride}{', PCM' if m.pcm else ''}) and "
-          f"{m.student} ({m.student_depth} blocks, patch {m.patch_size}) at {m.image_size} px, "
-          f"batch {t.batch_size}")
-    rows = training_memory(config)
-    measured = measured_step_memory(config, device) if device.type == "cuda" else None
-    for i, r in enumerate(rows):
-        line = (f"{r['stage']:8s} {r['parameters'] / 1e6:6.1f} M trained parameters | weights, "
-                f"gradients, AdamW (+ frozen teacher) {r['state'] / gib:5.2f} GiB | activations "
-                f"(float32) {r['activations'] / gib:5.2f} GiB | estimate {r['total'] / gib:5.2f} GiB")
-        if measured is not None:
-            line += f" | measured on {device}: {measured[i] / gib:5.2f} GiB"
-        print(line)
+    print(f"wrote {root / 'ablation.md'} in {time.perf_counter() - began:.0f} s")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
-    if args.what == "memory":
-        preset = PRESETS[args.preset]
-        bench_memory(RunConfig(data="", **{name: cls(**preset.get(name, {}))
-                                           for name, cls in CONFIGS.items()}), device)
-        return
-    if args.what == "crf":
-        root = Path(args.photos)
-        masks = sorted((root / "gt").glob("*.png"))[: args.n] if (root / "gt").is_dir() else []
-        pairs = [(root / "img" / (m.stem + ".jpg"), m) for m in masks]
-        pairs = [(p, m) for p, m in pairs if p.is_file()]
-        if not pairs:
-            raise DataError(f"{root}: no SMOKE5K-style img/*.jpg + gt/*.png pairs")
-        print(f"bench crf: {len(pairs)} photographs from {root} at 320x240, 2 classes, "
-              f"{args.iters} iterations")
-        bench_crf(pairs, args.iters, args.batch)
-        return
-    print(f"bench {args.what} on {device} ({torch.get_num_threads()} threads), "
-          f"batch {args.batch}, {args.size} px, median of {args.steps} steps")
-    bench_models(device, args.batch, args.size, args.steps)
+    root = Path(args.photos)
+    masks = sorted((root / "gt").glob("*.png"))[: args.n] if (root / "gt").is_dir() else []
+    pairs = [(root / "img" / (m.stem + ".jpg"), m) for m in masks]
+    pairs = [(p, m) for p, m in pairs if p.is_file()]
+    if not pairs:
+        raise DataError(f"{root}: no SMOKE5K-style img/*.jpg + gt/*.png pairs")
+    print(f"bench crf: {len(pairs)} photographs from {root} at 320x240, 2 classes, "
+          f"{args.iters} iterations")
+    bench_crf(pairs, args.iters, args.batch)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def add_field_flag(parser, f: dataclasses.Field) -> None:
+    """The --flag of one dataclass field, typed from the field, help from its metadata."""
+    flag = "--" + f.name.replace("_", "-")
+    default = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+    text = f.metadata.get("help", "") + (f" (default: {default})" if default != "" else "")
+    if f.type is bool:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+    elif getattr(f.type, "__origin__", None) is tuple:
+        parser.add_argument(flag, type=f.type.__args__[0], nargs="+", help=text)
+    else:
+        parser.add_argument(flag, type=f.type, help=text, choices=CHOICES.get(f.name))
+
+
+def add_config_flags(parser, cls: type, skip: tuple = ()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name not in skip:
+            add_field_flag(parser, f)
+
+
+def config_from_args(cls: type, args: argparse.Namespace, base=None):
+    """The dataclass with every flag the user gave applied over `base` (or the defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    return dataclasses.replace(base if base is not None else cls(), **given)
+
+
+def config_from_flags(args: argparse.Namespace) -> RunConfig:
+    """The preset's values, then every flag the user gave; checked before any work."""
+    preset = preset_config(args.preset, str(args.data or DEFAULT_DATA))
+    parts = {name: config_from_args(cls, args, getattr(preset, name))
+             for name, cls in CONFIGS.items()}
+    config = RunConfig(data=preset.data, **parts)
+    check_run_config(config)
+    return config
+
+
+def given_flags(args: argparse.Namespace) -> list[str]:
+    """The setting flags the user gave on the command line, as --names."""
+    return ["--" + f.name.replace("_", "-") for cls in CONFIGS.values()
+            for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None]
 
 
 def positive_int(text: str) -> int:
@@ -2735,13 +2217,6 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_run_flag(parser: argparse.ArgumentParser, text: str) -> None:
-    """--run RUN, also spelled --run-dir: torchrun reads a --run after the script as an
-    abbreviation of its own --run-path."""
-    parser.add_argument("--run", "--run-dir", dest="run", required=True,
-                        help=f"{text} (--run-dir: the same, for use under torchrun)")
-
-
 class Parser(argparse.ArgumentParser):
     """argparse, with a bad flag reported in one line (exit code 2), not under the usage."""
 
@@ -2749,122 +2224,113 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="wsss.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_common(p: argparse.ArgumentParser, *flags: str, run: str = "") -> None:
+    """The flags several commands share, with one wording."""
+    if run:  # --run-dir too: torchrun takes a --run after the script for its own --run-path
+        p.add_argument("--run", "--run-dir", dest="run", required=True,
+                       help=f"{run}; `latest`: the newest run under {RUNS}/")
+    texts = {"--force": "replace an existing output", "--json": "also print the scores as JSON",
+             "--device": "cuda, mps, cpu or auto (default: auto)"}
+    for flag in flags:
+        kind = {"action": "store_true"} if flag != "--device" else {"default": "auto"}
+        p.add_argument(flag, help=texts[flag], **kind)
 
-    p = sub.add_parser("synth", help="generate an industrial-smoke dataset folder")
-    p.add_argument("--out", required=True, help="dataset folder to write")
-    p.add_argument("--force", action="store_true", help="replace an existing folder")
-    add_config_flags(p, SynthConfig)
-    p.set_defaults(handler=cmd_synth)
 
-    p = sub.add_parser("prepare", help="import a public dataset into the folder format")
-    p.add_argument("source", choices=["smoke5k"], help="which dataset's layout SRC has")
-    p.add_argument("src", help="SMOKE5K folder holding img/ and gt/")
-    p.add_argument("dst", help="dataset folder to write")
-    p.add_argument("--force", action="store_true", help="replace an existing folder")
-    add_config_flags(p, PrepareConfig)
-    p.set_defaults(handler=cmd_prepare)
+FIRST_FLAGS = ("align_weight", "consistency_weight", "teacher_epochs", "student_epochs", "seed")
 
-    p = sub.add_parser("train", help="train teacher and student, write pseudo masks")
-    p.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA} on first use)")
-    p.add_argument("--out", help="run folder to write (default: runs/<date-time>)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="cpu: sizes for a 2-core laptop (default); paper: the paper's setting, "
-                        "for a GPU")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN where it stopped "
-                   "(its config.json is used; other flags are ignored)")
-    p.add_argument("--force", action="store_true", help="replace an existing run folder")
+
+def add_run_settings(p: argparse.ArgumentParser, preset: str) -> None:
+    """train's and ablate's settings: the few a reader changes first, then a group a part."""
+    main = p.add_argument_group("main settings")
+    main.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA})")
+    main.add_argument("--preset", choices=list(PRESETS), default=preset,
+                      help=f"cpu: the default recipe, for a laptop; quick: a one-minute try; "
+                           f"faithful: the paper's recipe on small networks; paper: the paper's "
+                           f"sizes, for a GPU (default: {preset})")
+    for name in FIRST_FLAGS:
+        add_field_flag(main, FIELDS[name][1])
     for name, cls in CONFIGS.items():
-        add_config_flags(p.add_argument_group(f"{name} settings"), cls)
-    p.set_defaults(handler=cmd_train)
+        if name != "segment":  # stage 3's settings belong to `segment`
+            add_config_flags(p.add_argument_group(f"{name} settings"), cls, skip=FIRST_FLAGS)
 
-    p = sub.add_parser("segment", help="stage 3: a segmentation network on a run's pseudo masks")
-    add_run_flag(p, "run folder written by `train`")
-    p.add_argument("--force", action="store_true", help="train again over a finished network")
-    p.add_argument("--device", help="cuda, mps, cpu or auto (default: the run's)")
-    add_config_flags(p.add_argument_group("segment settings (default: the run's)"), SegmentConfig)
-    p.set_defaults(handler=cmd_segment)
 
-    p = sub.add_parser("predict", help="masks and overlays for any images")
-    add_run_flag(p, "run folder: its stage-3 network when it has one, else its CAMs + refinement")
-    p.add_argument("images", nargs="*", help="image files")
-    p.add_argument("--input", help="a folder of images (instead of naming files)")
-    p.add_argument("--out", help="folder for <stem>.png masks and overlays/ (default: RUN/predict)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--batch-size", type=positive_int, default=16,
-                   help="images a batch (default: 16)")
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: auto)")
-    p.set_defaults(handler=cmd_predict)
-
-    p = sub.add_parser("pseudo", help="pseudo masks (and overlays) from a trained run")
-    add_run_flag(p, "run folder written by `train`")
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="wsss.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="train teacher and student, write and score pseudo masks")
+    add_run_settings(p, "cpu")
+    p.add_argument("--out", help=f"run folder to write (default: {RUNS}/<date-time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue RUN where it stopped, with its "
+                   "settings; `latest`: the newest run")
+    add_common(p, "--force")
+    p = sub.add_parser("pseudo", help="pseudo masks, overlays and scores from a trained run")
+    add_common(p, "--force", "--json", "--device", run="run folder written by `train`")
     p.add_argument("--data", help="dataset folder (default: the run's)")
     p.add_argument("--split", default="train", help="split to label (default: train)")
     p.add_argument("--out", help="folder for the masks (default: RUN/pseudo_<split>)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: auto)")
-    p.add_argument("--json", action="store_true", help="also print the scores as JSON")
-    p.add_argument("--save-cams", action="store_true",
-                   help="also write the normalised CAMs to OUT/cams/<stem>.npy (for eval --sweep)")
     add_config_flags(p.add_argument_group("cam settings (default: the run's)"), CamConfig)
     add_config_flags(p.add_argument_group("refine settings (default: the run's)"), RefineConfig)
-    p.set_defaults(handler=cmd_pseudo)
-
-    p = sub.add_parser("ablate", help="the paper's comparisons, mean ± std over seeds",
-                       description=(
-        f"Trains each distinct setting once per seed (students for {ABLATION_STUDENT_EPOCHS} "
-        "epochs unless --quick or --student-epochs), scores every row's pseudo masks, "
-        "writes OUT/ablation.md, ablation.json and figure.png."))
-    p.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA})")
-    p.add_argument("--out", default="runs/ablation", help="folder of the runs and the table "
-                   "(finished runs in it are reused; default: runs/ablation)")
-    p.add_argument("--quick", action="store_true", help="the four headline rows, one seed, "
-                   "students at the default run's budget, one job")
-    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; quick: 0)")
-    p.add_argument("--rows", nargs="+", choices=list(ABLATION_ROWS), metavar="ROW",
-                   help="rows to run (default: all; quick: " + " ".join(QUICK_ROWS) + "); "
-                        "one of " + ", ".join(ABLATION_ROWS))
-    p.add_argument("--split", default="val", help="split whose pseudo masks are scored "
-                   "(default: val: held out, and its chimneys appear without smoke more often)")
-    p.add_argument("--jobs", type=int, help="runs trained and scored side by side, each on "
-                   "its share of the cores; fewer threads round differently, so the trained "
-                   "networks differ from one job's (default: 2 on a CPU with 2 or more cores, "
-                   "1 for --quick)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="faithful",
-                   help="the recipe the rows change: faithful (the paper's, default) or cpu")
-    for name, cls in CONFIGS.items():
-        add_config_flags(p.add_argument_group(f"{name} settings"), cls)
-    p.set_defaults(handler=cmd_ablate)
-
+    p = sub.add_parser("segment", help="stage 3: a segmentation network on a run's pseudo masks")
+    add_common(p, "--force", run="run folder written by `train`")
+    p.add_argument("--device", help="cuda, mps, cpu or auto (default: the run's)")
+    add_config_flags(p.add_argument_group("segment settings (default: the run's)"), SegmentConfig)
+    p = sub.add_parser("predict", help="masks and overlays for any images")
+    add_common(p, "--force", "--device", run="run folder: its stage-3 network when it has one, "
+               "else its CAMs + refinement")
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--input", help="a folder of images (instead of naming files)")
+    p.add_argument("--out", help="folder for <stem>.png masks and overlays/ (default: RUN/predict)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images a batch (default: 16)")
     p = sub.add_parser("eval", help="score predicted masks against ground truth")
     p.add_argument("--data", required=True, help="dataset folder with masks/")
     p.add_argument("--split", default="val", help="split to score (default: val)")
     p.add_argument("--pred", required=True, help="folder of predicted <stem>.png class masks")
-    p.add_argument("--json", action="store_true", help="print the scores as one JSON line")
-    p.add_argument("--sweep", action="store_true", help="also the IoU-vs-threshold curve and "
-                   "the per-image oracle threshold, from PRED/cams/ (pseudo --save-cams)")
-    p.set_defaults(handler=cmd_eval)
-
-    p = sub.add_parser("bench", help="benchmarks that print figures side by side")
-    p.add_argument("what", choices=["models", "crf", "memory"], help="models: training-step "
-                   "throughput, ours vs torchvision, float32 and bfloat16 autocast; crf: our "
-                   "dense CRF vs pydensecrf (when installed) on real photographs; memory: a "
-                   "preset's training memory, estimated (and measured on CUDA)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="memory: the preset to size (default: paper)")
-    p.add_argument("--photos", default="../shared/data/smoke5k-real/train",
-                   help="crf: a SMOKE5K-style folder with img/ and gt/")
-    p.add_argument("--n", type=int, default=40, help="crf: photographs to use (default: 40)")
-    p.add_argument("--iters", type=int, default=10, help="crf: mean-field iterations")
-    p.add_argument("--batch", type=int, default=8, help="images a step (default: 8)")
-    p.add_argument("--size", type=int, default=224, help="image side (default: 224)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps a row (default: 5)")
-    p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (default: auto)")
-    p.set_defaults(handler=cmd_bench)
+    add_common(p, "--json")
+    add_parsers_of_tools(sub)
     return parser
+
+
+def add_parsers_of_tools(sub) -> None:
+    """ablate, synth, prepare and bench."""
+    p = sub.add_parser("ablate", help="the paper's comparisons, mean ± std over seeds",
+                       description=f"Trains each distinct setting once per seed (students for "
+                       f"{ABLATION_STUDENT_EPOCHS} epochs unless --quick or --student-epochs), "
+                       f"scores every row's pseudo masks, writes OUT/ablation.md and .json.")
+    add_run_settings(p, "cpu")
+    p.add_argument("--out", default="runs/ablation", help="folder of the runs and the table; "
+                   "finished runs in it are reused (default: runs/ablation)")
+    p.add_argument("--quick", action="store_true", help="the four headline rows, one seed, "
+                   "students at the default run's budget")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2; quick: 0)")
+    p.add_argument("--rows", nargs="+", choices=list(ABLATION_ROWS), metavar="ROW",
+                   help="rows to run (default: all; quick: " + " ".join(QUICK_ROWS) + "); "
+                        "any of " + ", ".join(ABLATION_ROWS))
+    p.add_argument("--split", default="val", help="split whose pseudo masks are scored "
+                   "(default: val)")
+    p = sub.add_parser("synth", help="generate an industrial-smoke dataset folder")
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    add_common(p, "--force")
+    add_config_flags(p, SynthConfig)
+    p = sub.add_parser("prepare", help="import SMOKE5K photographs into the folder format")
+    p.add_argument("source", choices=["smoke5k"], help="which dataset's layout SRC has")
+    p.add_argument("src", help="SMOKE5K folder holding img/ and gt/")
+    p.add_argument("dst", help="dataset folder to write")
+    add_common(p, "--force")
+    add_config_flags(p, PrepareConfig)
+    p = sub.add_parser("bench", help="our dense CRF against pydensecrf (when installed), side "
+                       "by side on real photographs")
+    p.add_argument("what", choices=["crf"], help="what to benchmark")
+    p.add_argument("--photos", required=True, help="a SMOKE5K-style folder with img/ and gt/")
+    p.add_argument("--n", type=positive_int, default=40, help="photographs (default: 40)")
+    p.add_argument("--iters", type=positive_int, default=10, help="mean-field iterations "
+                   "(default: 10)")
+    p.add_argument("--batch", type=positive_int, default=8, help="images a batch (default: 8)")
+
+
+COMMANDS = {"train": cmd_train, "pseudo": cmd_pseudo, "segment": cmd_segment,
+            "predict": cmd_predict, "eval": cmd_eval, "ablate": cmd_ablate, "synth": cmd_synth,
+            "prepare": cmd_prepare, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2872,7 +2338,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed_run = args.command in ("train", "segment") and init_distributed()
     code, message = 0, ""
     try:
-        args.handler(args)
+        COMMANDS[args.command](args)
     except DataError as e:
         code, message = 2, str(e)
     except TrainingError as e:
@@ -2882,16 +2348,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
         code, message = 130, "stopped by Ctrl-C"
     except OSError as e:  # an unwritable or impossible output, a full disk
-        where = f"{e.filename}: " if e.filename else ""
-        code, message = 2, f"{where}{e.strerror or e}"
+        code, message = 2, (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}"
     if code and world()[0] == 0:
         print(f"error: {message}", file=sys.stderr)
     if distributed_run:
         # gloo processes abort now and then in their exit handlers ("terminate called without
-        # an active exception") although the work is done: leave together, flush, and end
-        # the process before those handlers run.
+        # an active exception") although the work is done: leave together, flush, and end the
+        # process before those handlers run.
         if code == 0:
-            barrier()
+            dist.barrier()
         dist.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()
