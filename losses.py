@@ -14,7 +14,6 @@ import torch.nn.functional as F
 ALIGN_KINDS = ("cosine", "l1", "l2")
 ALIGN_REDUCES = ("global", "channel", "spatial")
 
-
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Multi-label binary cross-entropy, averaged over images and classes.
 
@@ -22,7 +21,6 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     logits, labels: (B, K); labels are 0/1 floats.
     """
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-
 
 def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
                    kind: str = "cosine", reduce: str = "global") -> torch.Tensor:
@@ -57,9 +55,7 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
         s, t = s.reshape(B, C, -1).transpose(1, 2), t.reshape(B, C, -1).transpose(1, 2)
     return (1 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean()
 
-
 ALIGN_TARGETS = ("raw", "pair")
-
 
 def alignment_target(teacher_map: torch.Tensor, labels: torch.Tensor, target: str = "raw"
                      ) -> torch.Tensor:
@@ -80,13 +76,11 @@ def alignment_target(teacher_map: torch.Tensor, labels: torch.Tensor, target: st
     bg = 1 - fg.amax(dim=1, keepdim=True)
     return torch.cat([bg, fg], dim=1)
 
-
 def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
     """The augmentation of the consistency loss: bilinear resize to `size`, then an optional
     horizontal flip. x: (B, C, H, W) -> (B, C, *size). Applied to images and to maps alike."""
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x.flip(-1) if flip else x
-
 
 def normalize_maps(maps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """ReLU, then divide each (image, class) map by its maximum: (B,C,h,w) -> values in [0, 1].
@@ -95,7 +89,6 @@ def normalize_maps(maps: torch.Tensor, labels: torch.Tensor | None = None) -> to
     maps = F.relu(maps.float())
     maps = maps / (maps.amax(dim=(2, 3), keepdim=True) + 1e-5)
     return maps if labels is None else maps * labels[:, :, None, None].to(maps)
-
 
 def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Tensor
                      ) -> torch.Tensor:
@@ -112,7 +105,6 @@ def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Te
         target = F.interpolate(target, size=map_of_transformed.shape[-2:], mode="bilinear",
                                align_corners=False)
     return F.l1_loss(normalize_maps(map_of_transformed), normalize_maps(target))
-
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int = 255) -> torch.Tensor:
     """Stage 3: per-pixel cross-entropy on (pseudo) masks, averaged over labelled pixels.

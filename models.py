@@ -6,8 +6,7 @@
   load one-to-one; hand-written attention that can return its maps.
 - Teacher = ResNet + 1x1 classifier (+ SEAM's pixel correlation module); Student = ViT +
   class-token head + 1x1 projection of the patch tokens. Both return (logits, maps).
-- Stage 3: DeepLab (ResNet + ASPP) and LinearSegmenter (ViT + linear decoder), per-pixel
-  logits for training on pseudo masks.
+- Stage 3: DeepLab (ResNet + ASPP), per-pixel logits for training on pseudo masks.
 
 Networks only: tensors in, tensors out; no files, no argv.
 """
@@ -21,16 +20,13 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # ResNet, after torchvision/models/resnet.py (names kept for one-to-one weight loading)
 
-
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     """3x3 convolution; padding = dilation keeps the spatial size at stride 1."""
     return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=dilation,
                      dilation=dilation, bias=False)
 
-
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
-
 
 class BasicBlock(nn.Module):
     expansion = 1
@@ -50,7 +46,6 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         out += x if self.downsample is None else self.downsample(x)  # in place: saves a copy
         return self.relu(out)
-
 
 class Bottleneck(nn.Module):
     # The stride sits on the 3x3 conv (ResNet v1.5), as in torchvision.
@@ -74,7 +69,6 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         out += x if self.downsample is None else self.downsample(x)  # in place: saves a copy
         return self.relu(out)
-
 
 class ResNet(nn.Module):
     """ResNet with an output stride of 32, 16 or 8.
@@ -148,26 +142,20 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
 def resnet18(**kwargs) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], **kwargs)
-
 
 def resnet34(**kwargs) -> ResNet:
     return ResNet(BasicBlock, [3, 4, 6, 3], **kwargs)
 
-
 def resnet50(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], **kwargs)
-
 
 def resnet101(**kwargs) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 23, 3], **kwargs)
 
-
 # -----------------------------------------------------------------------------
 # Vision Transformer, after timm/models/vision_transformer.py (names kept)
-
 
 def resample_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(1, 1+g*g, D) class + square-grid position embeddings -> (1, 1+h*w, D), bicubic."""
@@ -178,7 +166,6 @@ def resample_pos_embed(pos_embed: torch.Tensor, h: int, w: int) -> torch.Tensor:
     grid_pos = grid_pos.flatten(2).transpose(1, 2)  # (1,D,h,w) -> (1,h*w,D)
     return torch.cat([cls_pos, grid_pos], dim=1)
 
-
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, embed_dim: int):
         super().__init__()
@@ -188,7 +175,6 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)  # (B,3,H,W) -> (B,D,h,w)
         return x.flatten(2).transpose(1, 2)  # (B,D,h,w) -> (B,h*w,D)
-
 
 class ConvStem(nn.Module):
     """Convolutional tokenizer (Xiao et al. 2021, "Early convolutions help transformers see
@@ -213,7 +199,6 @@ class ConvStem(nn.Module):
         x = self.proj(self.convs(x))  # (B,3,H,W) -> (B,D,h,w)
         return x.flatten(2).transpose(1, 2)  # (B,D,h,w) -> (B,h*w,D)
 
-
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -235,7 +220,6 @@ class Attention(nn.Module):
         x = x.transpose(1, 2).reshape(B, N, D)  # (B,h,N,d) -> (B,N,D)
         return self.proj(x), attn
 
-
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -245,7 +229,6 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
@@ -262,7 +245,6 @@ class Block(nn.Module):
         x = x + h
         x = x + self.mlp(self.norm2(x))
         return x, attn
-
 
 class VisionTransformer(nn.Module):
     """ViT with a class token. Any input whose sides are multiples of the patch size works:
@@ -325,21 +307,17 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-
 def vit_tiny(**kwargs) -> VisionTransformer:
     return VisionTransformer(**{"patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3,
                                 **kwargs})
-
 
 def vit_small(**kwargs) -> VisionTransformer:
     return VisionTransformer(**{"patch_size": 16, "embed_dim": 384, "depth": 12, "num_heads": 6,
                                 **kwargs})
 
-
 def vit_base(**kwargs) -> VisionTransformer:
     return VisionTransformer(**{"patch_size": 16, "embed_dim": 768, "depth": 12, "num_heads": 12,
                                 **kwargs})
-
 
 def vit_state_dict_from_torchvision(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """torchvision.models.VisionTransformer's state dict under our (timm's) names."""
@@ -367,10 +345,8 @@ def vit_state_dict_from_torchvision(sd: dict[str, torch.Tensor]) -> dict[str, to
                 out[f"blocks.{i}.{rest}"] = value
     return out
 
-
 # -----------------------------------------------------------------------------
 # The WSSS networks: teacher and student
-
 
 class PixelCorrelation(nn.Module):
     """SEAM's pixel correlation module (Wang et al. 2020, eq. 7): refine a CAM by propagating
@@ -395,7 +371,6 @@ class PixelCorrelation(nn.Module):
         aff = F.relu(f.transpose(1, 2) @ f)  # (B,hw,hw) cosine affinities
         aff = aff / (aff.sum(dim=1, keepdim=True) + 1e-5)  # each column sums to one
         return (cam.flatten(2) @ aff).reshape(B, K, h, w)  # (B,K,hw) @ (B,hw,hw) -> (B,K,h,w)
-
 
 class Teacher(nn.Module):
     """ResNet + 1x1 classifier: the class maps are the CAMs themselves (Zhou et al. 2016).
@@ -422,7 +397,6 @@ class Teacher(nn.Module):
             maps = maps + self.pcm(maps, x, stages[2:])
         logits = maps.mean(dim=(2, 3))
         return logits, maps
-
 
 class Student(nn.Module):
     """ViT + a 1x1 projection of the patch tokens to (background, class 1..K) maps, the map
@@ -485,11 +459,9 @@ class Student(nn.Module):
                 cams.append(F.relu(cam).reshape(-1, h, w).detach())
         return torch.stack(cams, dim=1).float()
 
-
 # -----------------------------------------------------------------------------
 # Stage 3: segmentation networks trained on the pseudo masks. Both return per-pixel logits
 # (B, K+1, H, W) at the input size, background first.
-
 
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling (DeepLabv3, Chen et al. 2017): a 1x1 branch, dilated 3x3
@@ -514,7 +486,6 @@ class ASPP(nn.Module):
         outs.append(self.pool(x).expand(-1, -1, x.shape[2], x.shape[3]))  # (B,C,1,1) -> (B,C,h,w)
         return self.project(torch.cat(outs, dim=1))
 
-
 class DeepLab(nn.Module):
     """DeepLabv3: a dilated ResNet (output stride 8 or 16), ASPP, a 1x1 classifier, and
     bilinear upsampling of the logits to the input size."""
@@ -530,28 +501,8 @@ class DeepLab(nn.Module):
         logits = self.classifier(self.aspp(self.backbone.forward_features(x)))
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-
-class LinearSegmenter(nn.Module):
-    """A ViT with a linear decoder (Segmenter's baseline, Strudel et al. 2021): each normed
-    patch token is classified by one linear layer, and the logits upsampled bilinearly."""
-
-    def __init__(self, backbone: VisionTransformer, num_classes: int):
-        super().__init__()
-        self.backbone = backbone
-        self.classifier = nn.Conv2d(backbone.embed_dim, num_classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        p = self.backbone.patch_size
-        tokens = self.backbone.forward_features(x)[:, 1:]  # class token dropped: (B,N,D)
-        grid = tokens.transpose(1, 2).reshape(B, -1, H // p, W // p)  # (B,N,D) -> (B,D,h,w)
-        logits = self.classifier(grid)
-        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
-
-
 # -----------------------------------------------------------------------------
 # Loading pretrained weights (the file is read by the caller; this matches names and shapes)
-
 
 def load_pretrained(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list]:
     """Load `state_dict` into `module`, dropping entries whose shape differs (a classification
@@ -571,7 +522,6 @@ def load_pretrained(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
     result = module.load_state_dict(kept, strict=False)
     return {"loaded": [k for k in kept if k in own], "missing": list(result.missing_keys),
             "unexpected": list(result.unexpected_keys), "dropped": dropped}
-
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

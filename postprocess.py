@@ -7,7 +7,9 @@ device:  multiscale_cam -> (coverage_fix) -> normalize_maps -> cams_to_probs -> 
 
 import copy
 import functools
+import importlib
 import math
+import time
 import warnings
 
 import numpy as np
@@ -18,10 +20,8 @@ from losses import normalize_maps
 
 IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
 
-
 # -----------------------------------------------------------------------------
 # CAMs: several input scales and the flipped input, summed
-
 
 def multiscale_cam(cam_fn, images: torch.Tensor, scales: tuple[float, ...], flip: bool,
                    multiple: int) -> torch.Tensor:
@@ -41,7 +41,6 @@ def multiscale_cam(cam_fn, images: torch.Tensor, scales: tuple[float, ...], flip
             total = cam if total is None else total + cam
     return total
 
-
 def cams_to_probs(cams: torch.Tensor, background: str = "threshold", threshold: float = 0.3,
                   alpha: float = 48.0) -> torch.Tensor:
     """Normalised CAMs (B, K, H, W) -> scores with background first, (B, 1+K, H, W).
@@ -60,26 +59,15 @@ def cams_to_probs(cams: torch.Tensor, background: str = "threshold", threshold: 
     scores = torch.cat([bg, cams], dim=1)
     return scores / scores.sum(dim=1, keepdim=True).clamp(min=1e-8)
 
-
-def probs_to_mask(probs: torch.Tensor, ignore_band: float = 0.0) -> torch.Tensor:
-    """(B, 1+K, H, W) probabilities -> (B, H, W) uint8 class indices (0 = background).
-
-    With ignore_band > 0, pixels whose top two probabilities differ by less than the band
-    become 255 (ignore), as CLIP-ES leaves uncertain pixels out of stage-3 training.
-    """
-    top2 = probs.topk(2, dim=1).values if probs.shape[1] > 1 else None
-    mask = probs.argmax(dim=1).to(torch.uint8)
-    if ignore_band > 0 and top2 is not None:
-        mask[(top2[:, 0] - top2[:, 1]) < ignore_band] = IGNORE
-    return mask
-
+def probs_to_mask(probs: torch.Tensor) -> torch.Tensor:
+    """(B, 1+K, H, W) probabilities -> (B, H, W) uint8 class indices (0 = background)."""
+    return probs.argmax(dim=1).to(torch.uint8)
 
 # -----------------------------------------------------------------------------
 # Dense CRF (Krähenbühl & Koltun, NIPS 2011) with the permutohedral lattice
 # (Adams, Baek & Davis, Eurographics 2010), following densecrf's conventions so that pydensecrf
 # settings carry over: features x/sxy, y/sxy (and r/srgb, g/srgb, b/srgb for the bilateral
 # kernel), symmetric kernel normalisation, Potts compatibility, unary -log(prob).
-
 
 class PermutohedralLattice:
     """Approximate Gaussian filtering  out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j  of all points
@@ -222,13 +210,11 @@ class PermutohedralLattice:
                     splat.values() * before.reshape(-1)[splat.col_indices()], splat.shape)
         return out
 
-
 def _find(sorted_codes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Index of each code in the sorted array, or its length where the code is absent."""
     n = sorted_codes.numel()
     pos = torch.searchsorted(sorted_codes, codes).clamp(max=n - 1)
     return torch.where(sorted_codes[pos] == codes, pos, torch.full_like(pos, n))
-
 
 def _csr(counts: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
          size: tuple[int, int]) -> torch.Tensor:
@@ -238,7 +224,6 @@ def _csr(counts: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
     with warnings.catch_warnings():  # "sparse CSR support is in beta": it is used plainly here
         warnings.simplefilter("ignore")
         return torch.sparse_csr_tensor(crow, cols, values, size)
-
 
 def pixel_features(image: torch.Tensor | None, shape: tuple[int, int, int], sxy: float,
                    srgb: float | None = None) -> torch.Tensor:
@@ -254,13 +239,11 @@ def pixel_features(image: torch.Tensor | None, shape: tuple[int, int, int], sxy:
     rgb = image.float().reshape(B, 3, H * W).transpose(1, 2) / srgb  # (B,3,H,W) -> (B,HW,3)
     return torch.cat([xy, rgb], dim=-1)
 
-
 def _kernel_norm(lattice: PermutohedralLattice) -> torch.Tensor:
     """densecrf's symmetric normalisation n = 1 / sqrt(K 1), (B, N, 1)."""
     B, N = lattice.shape
     ones = torch.ones(B, N, 1, device=lattice.splat_matrix.device)
     return lattice.filter(ones).clamp(min=1e-20).rsqrt()
-
 
 @functools.lru_cache(maxsize=8)
 def _position_kernel(h: int, w: int, sxy: float, weight: float, device: str):
@@ -270,13 +253,11 @@ def _position_kernel(h: int, w: int, sxy: float, weight: float, device: str):
     norm = _kernel_norm(lattice)
     return lattice.scaled(weight * norm, norm)
 
-
 def _softmax(logits: torch.Tensor) -> torch.Tensor:
     """Softmax over the last (short, label) dimension; spelled out because the library kernel
     is several times slower on a dimension of 2 to 21 labels."""
     e = (logits - logits.amax(dim=-1, keepdim=True)).exp_()
     return e / e.sum(dim=-1, keepdim=True)
-
 
 def dense_crf(image: torch.Tensor, prob: torch.Tensor, *, iters: int = 10,
               sxy_gaussian: float = 3, compat_gaussian: float = 3, sxy_bilateral: float = 80,
@@ -321,10 +302,8 @@ def dense_crf(image: torch.Tensor, prob: torch.Tensor, *, iters: int = 10,
     q = q.transpose(1, 2).reshape(B, C, H, W)  # (B,HW,C) -> (B,C,H,W)
     return q[0] if unbatched else q
 
-
 # -----------------------------------------------------------------------------
 # Coverage: expand partial CAMs along affinities (a SAM-free fix for incomplete masks)
-
 
 def attention_affinity(attentions: list[torch.Tensor], beta: float = 2.0) -> torch.Tensor:
     """Patch-to-patch transition matrix from a ViT's attention maps (TransCAM, AFA):
@@ -334,7 +313,6 @@ def attention_affinity(attentions: list[torch.Tensor], beta: float = 2.0) -> tor
     a = ((a + a.transpose(1, 2)) / 2) ** beta
     return a / a.sum(dim=2, keepdim=True).clamp(min=1e-8)
 
-
 def random_walk(cams: torch.Tensor, transition: torch.Tensor, steps: int = 2) -> torch.Tensor:
     """Propagate CAMs along a transition matrix (psa's random walk, Ahn & Kwak 2018):
     cam <- cam T^steps on the patch grid.  cams: (B, K, h, w); transition: (B, h*w, h*w)."""
@@ -343,7 +321,6 @@ def random_walk(cams: torch.Tensor, transition: torch.Tensor, steps: int = 2) ->
     for _ in range(steps):
         flat = flat @ transition.transpose(1, 2)  # each patch gathers from its neighbours
     return flat.reshape(B, K, h, w)
-
 
 def coverage_fix(student, images: torch.Tensor, cams: torch.Tensor, steps: int = 2,
                  beta: float = 2.0) -> torch.Tensor:
@@ -358,10 +335,8 @@ def coverage_fix(student, images: torch.Tensor, cams: torch.Tensor, steps: int =
     walked = random_walk(grid, transition, steps)
     return F.interpolate(walked, size=cams.shape[-2:], mode="bilinear", align_corners=False)
 
-
 # -----------------------------------------------------------------------------
 # Scores: masks against ground truth (255 ignored)
-
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A (H, W) class mask at another size, nearest neighbour (the file's own size)."""
@@ -369,19 +344,16 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return mask
     return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].to(mask.dtype)
 
-
 def boundary(fg: torch.Tensor) -> torch.Tensor:
     """Inner boundary of a (H, W) bool region: its pixels with a 4-neighbour outside it."""
     x = fg[None, None].float()
     eroded = -F.max_pool2d(-F.pad(x, (1, 1, 1, 1), value=1.0), 3, stride=1)
     return fg & (eroded[0, 0] < 0.5)
 
-
 def near(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Pixels within `radius` (Chebyshev) of a True pixel of the (H, W) bool mask."""
     x = mask[None, None].float()
     return F.max_pool2d(x, 2 * radius + 1, stride=1, padding=radius)[0, 0] > 0.5
-
 
 class Scores:
     """Accumulates a confusion matrix, per-image smoke IoU, boundary matches (2-pixel
@@ -445,3 +417,75 @@ class Scores:
             "context_fp": (100 * self.context_called_fg / self.context_pixels
                            if self.context_pixels else float("nan")),
         }
+
+# -----------------------------------------------------------------------------
+# The dense CRF's benchmark: ours against pydensecrf, side by side in one run
+
+CRF_SETTINGS = {
+    "common WSSS (psa, SEAM, IRN): 3/3, 80/13/10": dict(
+        sxy_gaussian=3, compat_gaussian=3, sxy_bilateral=80, srgb=13, compat_bilateral=10),
+    "the paper: 3/5, 60/5/15": dict(
+        sxy_gaussian=3, compat_gaussian=5, sxy_bilateral=60, srgb=5, compat_bilateral=15),
+}
+
+def cam_like(truth: torch.Tensor, seed: int) -> torch.Tensor:
+    """A CAM-like smoke probability from a ground-truth mask (H, W): pooled to stride 16 and
+    upsampled (CAMs are coarse), with noise on the coarse grid (CAMs are uneven)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = truth.shape
+    coarse = F.avg_pool2d(truth[None, None].float(), 16, ceil_mode=True)
+    coarse = coarse + 0.25 * torch.randn(coarse.shape, generator=g)
+    cam = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return cam.clamp(0.05, 0.95)
+
+def crf_reference(image: np.ndarray, prob: np.ndarray, iters: int, settings: dict):
+    """pydensecrf's result when it is installed: a comparison only, never needed to run."""
+    try:
+        dcrf = importlib.import_module("pydensecrf.densecrf")
+    except ImportError:
+        return None
+    c, h, w = prob.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(prob, 1e-5, 1)).reshape(c, -1)))
+    crf.addPairwiseGaussian(sxy=settings["sxy_gaussian"], compat=settings["compat_gaussian"])
+    crf.addPairwiseBilateral(sxy=settings["sxy_bilateral"], srgb=settings["srgb"],
+                             rgbim=np.ascontiguousarray(image),
+                             compat=settings["compat_bilateral"])
+    return np.array(crf.inference(iters)).reshape(c, h, w)
+
+def bench_dense_crf(images: list[torch.Tensor], truths: list[torch.Tensor], iters: int,
+                    batch: int) -> list[dict]:
+    """Per setting: ours and pydensecrf one image at a time (one thread each, median ms), ours
+    batched (images/s), their label agreement, and smoke IoU before and after each CRF.
+    images: (3, H, W) uint8; truths: (H, W) {0, 1}; the CRF's input is cam_like(truth)."""
+    probs = [torch.stack([1 - cam, cam]) for cam in (cam_like(t, k) for k, t in enumerate(truths))]
+    threads, nan, rows = torch.get_num_threads(), float("nan"), []
+    for name, settings in CRF_SETTINGS.items():
+        torch.set_num_threads(1)
+        dense_crf(images[0], probs[0], iters=iters, **settings)  # warm-up
+        ms = {"ours": [], "pydensecrf": []}
+        agree, scores = [], {k: Scores(1) for k in ("before", "pydensecrf", "ours")}
+        for image, prob, truth in zip(images, probs, truths):
+            start = time.perf_counter()
+            ours = dense_crf(image, prob, iters=iters, **settings).argmax(0)
+            ms["ours"].append(1000 * (time.perf_counter() - start))
+            scores["before"].add(prob.argmax(0), truth)
+            scores["ours"].add(ours, truth)
+            start = time.perf_counter()
+            ref = crf_reference(image.permute(1, 2, 0).numpy(), prob.numpy(), iters, settings)
+            if ref is not None:
+                ms["pydensecrf"].append(1000 * (time.perf_counter() - start))
+                ref = torch.from_numpy(ref.argmax(0))
+                agree.append((ref == ours).float().mean().item())
+                scores["pydensecrf"].add(ref, truth)
+        torch.set_num_threads(threads)
+        start = time.perf_counter()
+        for i in range(0, len(images), batch):
+            dense_crf(torch.stack(images[i:i + batch]), torch.stack(probs[i:i + batch]),
+                      iters=iters, **settings)
+        rows.append({"settings": name, "batched_ips": len(images) / (time.perf_counter() - start),
+                     **{f"{k}_ms": float(np.median(v)) if v else nan for k, v in ms.items()},
+                     "agreement": 100 * float(np.mean(agree)) if agree else nan,
+                     **{f"iou_{k}": s.result()["smoke_iou"] if s.image_ious else nan
+                        for k, s in scores.items()}})
+    return rows
