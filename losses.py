@@ -106,7 +106,8 @@ def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Te
                                align_corners=False)
     return F.l1_loss(normalize_maps(map_of_transformed), normalize_maps(target))
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int = 255) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int = 255
+                      ) -> torch.Tensor:
     """Stage 3: per-pixel cross-entropy on (pseudo) masks, averaged over labelled pixels.
 
     L_seg = -1/|V| sum_{p in V} log softmax(z_p)[y_p],  V = pixels with y_p != ignore.

@@ -69,6 +69,78 @@ def probs_to_mask(probs: torch.Tensor) -> torch.Tensor:
 # settings carry over: features x/sxy, y/sxy (and r/srgb, g/srgb, b/srgb for the bilateral
 # kernel), symmetric kernel normalisation, Potts compatibility, unary -log(prob).
 
+def _simplices(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Points f (P, d) -> the enclosing simplex of each: its remainder-0 vertex rem0 (P, d+1),
+    the rank of each coordinate (P, d+1) and the barycentric weights (P, d+1) (Adams et al.
+    2010, pp. 5-10, as densecrf computes them)."""
+    P, d = f.shape
+    device = f.device
+    # Elevate onto the hyperplane sum = 0 of R^(d+1) (p.5 of Adams et al.), scaled so the
+    # lattice blur has the standard deviation of the Gaussian (p.6).
+    inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
+    i = torch.arange(1, d + 1, device=device, dtype=torch.float32)
+    cf = f * (inv_std / torch.sqrt(i * (i + 1)))  # (P, d)
+    elevated = torch.empty(P, d + 1, device=device)
+    running = torch.zeros(P, device=device)  # summed from the last feature, as densecrf
+    for j in range(d, 0, -1):
+        elevated[:, j] = running - j * cf[:, j - 1]
+        running = running + cf[:, j - 1]
+    elevated[:, 0] = running
+    # The nearest remainder-0 lattice point, then the simplex through a sort (the rank).
+    v = elevated / (d + 1)
+    up, down = torch.ceil(v) * (d + 1), torch.floor(v) * (d + 1)
+    rem0 = torch.where(up - elevated < elevated - down, up, down)
+    total = torch.round(rem0.sum(1) / (d + 1)).long()  # (P,)
+    # rank[a] = place of coordinate a in the descending order of elevated - rem0, ties to
+    # the lower index, as densecrf's pairwise comparison counts it:
+    # rank[a] = #{b: diff_b > diff_a} + #{b < a: diff_b == diff_a}.
+    diff = elevated - rem0
+    rank = torch.zeros(P, d + 1, dtype=torch.uint8, device=device)
+    for k in range(d + 1):  # d+1 small comparisons beat one (P, d+1, d+1) tensor
+        rank += diff[:, k:k + 1] > diff
+        rank[:, k + 1:] += diff[:, k:k + 1] == diff[:, k + 1:]
+    rank = rank.long() + total[:, None]
+    wrap = (rank < 0).long() - (rank > d).long()  # bring the point back onto the plane
+    rank = rank + wrap * (d + 1)
+    rem0 = rem0.long() + wrap * (d + 1)
+    # Barycentric coordinates (p.10).
+    b = (elevated - rem0) / (d + 1)
+    bary = torch.zeros(P, d + 2, device=device)
+    bary.scatter_add_(1, d - rank, b)
+    bary.scatter_add_(1, d - rank + 1, -b)
+    bary[:, 0] += 1 + bary[:, d + 1]
+    return rem0, rank, bary[:, : d + 1]
+
+def _vertex_codes(rem0: torch.Tensor, rank: torch.Tensor, B: int, N: int):
+    """The integer key of each simplex vertex (P, d+1), the key's strides, and the index
+    dtype. Vertex r has key rem0 + canonical[r, rank] (first d coordinates; the last is
+    implied by sum = 0), encoded with its image in one integer, with room for the +-d steps
+    of the blur."""
+    P, d = rem0.shape[0], rem0.shape[1] - 1
+    device = rem0.device
+    low = rem0[:, :d].amin(0) - 2 * (d + 1)
+    span = rem0[:, :d].amax(0) + 2 * (d + 1) - low + 1
+    strides = torch.cumprod(torch.cat([span.new_ones(1), span]), 0)  # (d+1,)
+    if float(strides[-1]) * B >= 2 ** 62:
+        raise ValueError("features span too wide a lattice; filter fewer images at once")
+    # int32 where the codes fit: half the memory traffic, and sorting is twice as fast.
+    small = float(strides[-1]) * B < 2 ** 31
+    code_type = torch.int32 if small else torch.long
+    index_type = torch.int32 if P * (d + 1) < 2 ** 31 else torch.long
+    strides = strides.to(code_type)
+    image = torch.arange(B, device=device, dtype=code_type).repeat_interleave(N)
+    base = ((rem0[:, :d] - low).to(code_type) * strides[:d]).sum(1, dtype=code_type)
+    base += image * strides[d]  # (P,)
+    # The canonical offset of coordinate k at vertex r is r, minus d+1 where
+    # rank_k > d - r; summed with the strides: r * sum(s) - (d+1) * W[d - r], with
+    # W[t] = sum of s_k over the stored coordinates k whose rank exceeds t.
+    by_rank = torch.zeros(P, d + 1, dtype=code_type, device=device)
+    by_rank.scatter_(1, rank[:, :d], strides[:d].expand(P, d))  # W[t] = above[:, t]
+    above = by_rank.sum(1, keepdim=True, dtype=code_type) - by_rank.cumsum(1, dtype=code_type)
+    r = torch.arange(d + 1, device=device, dtype=code_type)
+    codes = base[:, None] + r * strides[:d].sum(dtype=code_type) - (d + 1) * above.flip(1)
+    return codes, strides, index_type
+
 class PermutohedralLattice:
     """Approximate Gaussian filtering  out_i = sum_j exp(-|f_i - f_j|^2 / 2) v_j  of all points
     of one or more images at once, in O(N d^2) instead of O(N^2).
@@ -85,66 +157,8 @@ class PermutohedralLattice:
         self.shape, self.d = (B, N), d
         device = features.device
         P = B * N
-        f = features.reshape(P, d).float()
-        # Elevate onto the hyperplane sum = 0 of R^(d+1) (p.5 of Adams et al.), scaled so the
-        # lattice blur has the standard deviation of the Gaussian (p.6).
-        inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
-        i = torch.arange(1, d + 1, device=device, dtype=torch.float32)
-        cf = f * (inv_std / torch.sqrt(i * (i + 1)))  # (P, d)
-        elevated = torch.empty(P, d + 1, device=device)
-        running = torch.zeros(P, device=device)  # summed from the last feature, as densecrf
-        for j in range(d, 0, -1):
-            elevated[:, j] = running - j * cf[:, j - 1]
-            running = running + cf[:, j - 1]
-        elevated[:, 0] = running
-        # The nearest remainder-0 lattice point, then the simplex through a sort (the rank).
-        v = elevated / (d + 1)
-        up, down = torch.ceil(v) * (d + 1), torch.floor(v) * (d + 1)
-        rem0 = torch.where(up - elevated < elevated - down, up, down)
-        total = torch.round(rem0.sum(1) / (d + 1)).long()  # (P,)
-        # rank[a] = place of coordinate a in the descending order of elevated - rem0, ties to
-        # the lower index, as densecrf's pairwise comparison counts it:
-        # rank[a] = #{b: diff_b > diff_a} + #{b < a: diff_b == diff_a}.
-        diff = elevated - rem0
-        rank = torch.zeros(P, d + 1, dtype=torch.uint8, device=device)
-        for k in range(d + 1):  # d+1 small comparisons beat one (P, d+1, d+1) tensor
-            rank += diff[:, k:k + 1] > diff
-            rank[:, k + 1:] += diff[:, k:k + 1] == diff[:, k + 1:]
-        rank = rank.long() + total[:, None]
-        wrap = (rank < 0).long() - (rank > d).long()  # bring the point back onto the plane
-        rank = rank + wrap * (d + 1)
-        rem0 = rem0.long() + wrap * (d + 1)
-        # Barycentric coordinates (p.10).
-        b = (elevated - rem0) / (d + 1)
-        bary = torch.zeros(P, d + 2, device=device)
-        bary.scatter_add_(1, d - rank, b)
-        bary.scatter_add_(1, d - rank + 1, -b)
-        bary[:, 0] += 1 + bary[:, d + 1]
-        bary = bary[:, : d + 1]
-        # Vertex r of the simplex has key rem0 + canonical[r, rank] (first d coordinates; the
-        # last is implied by sum = 0). Keys are encoded, with the image, in one int64 with room
-        # for the +-d steps of the blur.
-        low = rem0[:, :d].amin(0) - 2 * (d + 1)
-        span = rem0[:, :d].amax(0) + 2 * (d + 1) - low + 1
-        strides = torch.cumprod(torch.cat([span.new_ones(1), span]), 0)  # (d+1,)
-        if float(strides[-1]) * B >= 2 ** 62:
-            raise ValueError("features span too wide a lattice; filter fewer images at once")
-        # int32 where the codes fit: half the memory traffic, and sorting is twice as fast.
-        small = float(strides[-1]) * B < 2 ** 31
-        code_type = torch.int32 if small else torch.long
-        index_type = torch.int32 if P * (d + 1) < 2 ** 31 else torch.long
-        strides = strides.to(code_type)
-        image = torch.arange(B, device=device, dtype=code_type).repeat_interleave(N)
-        base = ((rem0[:, :d] - low).to(code_type) * strides[:d]).sum(1, dtype=code_type)
-        base += image * strides[d]  # (P,)
-        # The canonical offset of coordinate k at vertex r is r, minus d+1 where
-        # rank_k > d - r; summed with the strides: r * sum(s) - (d+1) * W[d - r], with
-        # W[t] = sum of s_k over the stored coordinates k whose rank exceeds t.
-        by_rank = torch.zeros(P, d + 1, dtype=code_type, device=device)
-        by_rank.scatter_(1, rank[:, :d], strides[:d].expand(P, d))  # W[t] = above[:, t]
-        above = by_rank.sum(1, keepdim=True, dtype=code_type) - by_rank.cumsum(1, dtype=code_type)
-        r = torch.arange(d + 1, device=device, dtype=code_type)
-        codes = base[:, None] + r * strides[:d].sum(dtype=code_type) - (d + 1) * above.flip(1)
+        rem0, rank, bary = _simplices(features.reshape(P, d).float())
+        codes, strides, index_type = _vertex_codes(rem0, rank, B, N)
         # Unique vertices by one sort; its permutation also orders the splat matrix's rows.
         sorted_codes, order = torch.sort(codes.reshape(-1))
         new = torch.ones_like(sorted_codes, dtype=torch.bool)

@@ -377,10 +377,12 @@ class SmokeDataset(Dataset):
         s = self.samples[i]
         pil = load_image(s.image)
         h, w = pil.height, pil.width
-        image = tv_tensors.Image(torch.from_numpy(np.array(pil)).permute(2, 0, 1))  # (H,W,3) -> (3,H,W)
+        rgb = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
+        image = tv_tensors.Image(rgb)
         extras = {k: tv_tensors.Mask(v) for k, v in self.full_truth(s, h, w).items()}
         image, extras = self.transform(image, extras)
-        item = {"stem": s.stem, "size": torch.tensor([h, w]), "rgb": image.as_subclass(torch.Tensor),
+        item = {"stem": s.stem, "size": torch.tensor([h, w]),
+                "rgb": image.as_subclass(torch.Tensor),
                 "image": network_input(image.as_subclass(torch.Tensor)),
                 "label": self.label_vector(s)}
         item.update({k: t.as_subclass(torch.Tensor) for k, t in extras.items()})
@@ -863,16 +865,18 @@ def gather_scores(scores: postprocess.Scores) -> postprocess.Scores:
         shares[0].merge(other)
     return shares[0]
 
-def distributed(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """The module to call in training: under torchrun, wrapped in DistributedDataParallel
-    (gradients averaged across processes during backward; BatchNorm synchronised on CUDA,
-    per process on CPU, where SyncBatchNorm does not run); else the network itself."""
-    if world()[1] == 1:
-        return net
-    if device.type == "cuda":
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    return torch.nn.parallel.DistributedDataParallel(
-        net, device_ids=[device.index] if device.type == "cuda" else None)
+def distributed(net: torch.nn.Module, device: torch.device, t: TrainConfig) -> torch.nn.Module:
+    """The module to call in training (channels-last and compiled when asked): under torchrun,
+    wrapped in DistributedDataParallel (gradients averaged across processes during backward;
+    BatchNorm synchronised on CUDA, per process on CPU, where SyncBatchNorm does not run)."""
+    if t.channels_last:
+        net.to(memory_format=torch.channels_last)
+    if world()[1] > 1:
+        if device.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(net) if t.compile else net
 
 # --- device and precision --------------------------------------------------------------------
 
@@ -968,7 +972,8 @@ def check_compatible(ckpt: dict, config: RunConfig, path: Path) -> None:
         a, b = dataclasses.asdict(getattr(saved, part)), dataclasses.asdict(getattr(config, part))
         changed = [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k]]
         if changed:
-            raise TrainingError(f"{path}: written with other {part} settings ({'; '.join(changed)}); "
+            raise TrainingError(f"{path}: written with other {part} settings "
+                                f"({'; '.join(changed)}); "
                                 f"resume with the settings it began with, or start a new run")
 
 def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
@@ -1064,6 +1069,11 @@ def optimizer_step(step, batch: dict, nets: dict, optimizer: torch.optim.Optimiz
     scaler.update()
     return means
 
+def stopped_message(stage: str, run: Path, epoch: int, step: int) -> str:
+    again = f"segment --run {run}" if stage.startswith("segment") else f"train --resume {run}"
+    return (f"{stage}: stopped by Ctrl-C after epoch {epoch} step {step}; checkpoint written; "
+            f"`python wsss.py {again}` continues from there")
+
 def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dataset,
                 run: Path, config: RunConfig, epochs: int, device: torch.device,
                 log: Log) -> None:
@@ -1080,12 +1090,9 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
     start, skip, rng = resume(stage, nets, optimizer, paths, config, log)
     if start >= epochs:
         return log(f"{stage}: done in an earlier run ({start} epochs)")
-    if t.channels_last:
-        for net in nets.values():
-            net.to(memory_format=torch.channels_last)
-    wrapped = {name: distributed(net, device) for name, net in nets.items()}
-    wrapped = {n: torch.compile(net) for n, net in wrapped.items()} if t.compile else wrapped
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(t.amp, device) == torch.float16)
+    wrapped = {name: distributed(net, device, t) for name, net in nets.items()}
+    fp16 = autocast_dtype(t.amp, device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bf16 and float32 need none
     per_epoch = -(-len(dataset) // t.batch_size)
     total, seen = (epochs - start) * len(dataset) - skip * t.batch_size, 0
     began = time.perf_counter()
@@ -1119,11 +1126,7 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
                 if stop.set:
                     for name, net in nets.items():
                         save_checkpoint(paths[name], config, net, optimizer, epoch, False, step=i)
-                    again = (f"segment --run {run}" if stage.startswith("segment")
-                             else f"train --resume {run}")
-                    raise Interrupted(f"{stage}: stopped by Ctrl-C after epoch {epoch} step {i}; "
-                                      f"checkpoint written; `python wsss.py {again}` continues "
-                                      f"from there")
+                    raise Interrupted(stopped_message(stage, run, epoch, i))
             for name, net in nets.items():
                 save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
 
@@ -1293,11 +1296,8 @@ def _puffs(yy, xx, x, y, radii, densities) -> np.ndarray:
                / (2 * radii[:, None, None] ** 2))
     return densities[:, None, None] * g
 
-def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: bool
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One scene: (H,W,3) uint8 image, (H,W) uint8 mask {0,1,255}, (H,W) bool context."""
-    s = size
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+def _backdrop(rng: np.random.Generator, s: int, yy: np.ndarray, xx: np.ndarray):
+    """Sky, ground and factory skyline: an (s, s, 3) float image and the horizon's row."""
     horizon = rng.uniform(0.62, 0.82) * s
     # Sky: vertical gradient from a zenith colour to a paler horizon colour, mildly noisy.
     zenith = rng.uniform([40, 80, 140], [140, 170, 230])
@@ -1305,37 +1305,40 @@ def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: boo
     t = np.clip(yy / horizon, 0, 1)[..., None]
     image = zenith * (1 - t) + pale * t
     image += (_smooth_noise(rng, s, s, 4)[..., None] - 0.5) * 20
-    # Ground below the horizon.
     ground = rng.uniform([40, 45, 30], [110, 100, 80])
     below = (yy >= horizon)[..., None]
     image = np.where(below, ground + (_smooth_noise(rng, s, s, 8)[..., None] - 0.5) * 30, image)
-    # Factory skyline: dark boxes standing on the horizon.
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(2, 6)):  # the skyline: dark boxes standing on the horizon
         x0 = rng.uniform(-0.1, 0.9) * s
         w = rng.uniform(0.08, 0.3) * s
         h = rng.uniform(0.04, 0.16) * s
         colour = rng.uniform(40, 110) + rng.uniform(-10, 10, 3)
         box = (xx >= x0) & (xx < x0 + w) & (yy >= horizon - h) & (yy < horizon + 2)
         image[box] = colour
-    # Chimneys: tall thin columns, often with red/white bands (industrial stacks).
-    context = np.zeros((s, s), bool)
-    tops = []
-    if chimneys or smoke:
-        for _ in range(rng.integers(1, 4)):
-            cx = rng.uniform(0.12, 0.88) * s
-            w = rng.uniform(0.035, 0.06) * s
-            top = horizon - rng.uniform(0.28, 0.5) * s
-            body = (np.abs(xx - cx) <= w / 2) & (yy >= top) & (yy < horizon + 2)
-            base = rng.uniform(90, 170) + rng.uniform(-15, 15, 3)
-            if rng.random() < 0.6:
-                band = ((yy - top) // max(2.0, 0.06 * s)).astype(int) % 2 == 0
-                colour = np.where(band[..., None], np.array([190, 50, 45]), base)
-                image = np.where(body[..., None], colour, image)
-            else:
-                image[body] = base
-            context |= body
-            tops.append((cx, top, w))
-    # Smoke-like distractors, as likely with smoke as without: clouds and a haze band.
+    return image, horizon
+
+def _chimneys(rng, image, s, yy, xx, horizon):
+    """1-3 tall thin columns, often with red/white bands (industrial stacks), painted into
+    `image`; returns their (s, s) bool mask and their tops (x, y, width)."""
+    context, tops = np.zeros((s, s), bool), []
+    for _ in range(rng.integers(1, 4)):
+        cx = rng.uniform(0.12, 0.88) * s
+        w = rng.uniform(0.035, 0.06) * s
+        top = horizon - rng.uniform(0.28, 0.5) * s
+        body = (np.abs(xx - cx) <= w / 2) & (yy >= top) & (yy < horizon + 2)
+        base = rng.uniform(90, 170) + rng.uniform(-15, 15, 3)
+        if rng.random() < 0.6:
+            band = ((yy - top) // max(2.0, 0.06 * s)).astype(int) % 2 == 0
+            colour = np.where(band[..., None], np.array([190, 50, 45]), base)
+            image[:] = np.where(body[..., None], colour, image)
+        else:
+            image[body] = base
+        context |= body
+        tops.append((cx, top, w))
+    return context, tops
+
+def _distractors(rng, s, yy, xx, horizon) -> np.ndarray:
+    """Opacity (s, s) of smoke-like things nobody labels: clouds and a haze band."""
     distractor = np.zeros((s, s), np.float32)
     for _ in range(rng.poisson(1.2)):
         n = rng.integers(3, 7)
@@ -1347,31 +1350,46 @@ def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: boo
     if rng.random() < 0.35:
         haze = np.exp(-((yy - horizon + rng.uniform(0, 0.1) * s) / (0.08 * s)) ** 2)
         distractor = np.maximum(distractor, haze * rng.uniform(0.3, 0.6))
-    image = image * (1 - distractor[..., None]) + rng.uniform(200, 245) * distractor[..., None]
-    # Emissions: puff chains from one or more chimney tops, bent by one wind.
+    return distractor
+
+def _plume(rng, s, yy, xx, tops) -> np.ndarray:
+    """Opacity (s, s) of emissions: puff chains from some chimney tops, bent by one wind,
+    widening and thinning as they rise, with turbulence."""
     plume = np.zeros((s, s), np.float32)
+    wind = rng.uniform(-1, 1)
+    emitters = [tops[i] for i in rng.permutation(len(tops))[: rng.integers(1, len(tops) + 1)]]
+    for cx, top, w in emitters:
+        n = 28
+        t = np.linspace(0, 1, n, dtype=np.float32)
+        length = rng.uniform(0.3, 0.65) * s
+        rise = rng.uniform(0.2, 1.0)
+        bend = np.sign(wind) * rng.uniform(0, 0.6)
+        x = cx + length * (wind * t + bend * t ** 2)
+        y = top - length * rise * t * (1 - 0.4 * t) + rng.normal(0, 0.01 * s, n)
+        radii = w * 0.5 + t * rng.uniform(0.03, 0.08) * s
+        dens = rng.uniform(0.85, 1.0) * (1 - 0.5 * t)
+        puffs = _puffs(yy, xx, x, y, radii, dens)
+        plume = np.maximum(plume, puffs.max(axis=0))  # max, not a sum: overlap adds no mass
+    return plume * (0.75 + 0.25 * _smooth_noise(rng, s, s, 6))  # turbulence
+
+def render_scene(rng: np.random.Generator, size: int, smoke: bool, chimneys: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene: (H,W,3) uint8 image, (H,W) uint8 mask {0,1,255}, (H,W) bool context."""
+    s = size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    image, horizon = _backdrop(rng, s, yy, xx)
+    context, tops = np.zeros((s, s), bool), []
+    if chimneys or smoke:
+        context, tops = _chimneys(rng, image, s, yy, xx, horizon)
+    distractor = _distractors(rng, s, yy, xx, horizon)
+    image = image * (1 - distractor[..., None]) + rng.uniform(200, 245) * distractor[..., None]
+    change = np.zeros((s, s), np.float32)
     if smoke:
-        wind = rng.uniform(-1, 1)
-        emitters = [tops[i] for i in rng.permutation(len(tops))[: rng.integers(1, len(tops) + 1)]]
-        for cx, top, w in emitters:
-            n = 28
-            t = np.linspace(0, 1, n, dtype=np.float32)
-            length = rng.uniform(0.3, 0.65) * s
-            rise = rng.uniform(0.2, 1.0)
-            bend = np.sign(wind) * rng.uniform(0, 0.6)
-            x = cx + length * (wind * t + bend * t ** 2)
-            y = top - length * rise * t * (1 - 0.4 * t) + rng.normal(0, 0.01 * s, n)
-            radii = w * 0.5 + t * rng.uniform(0.03, 0.08) * s
-            dens = rng.uniform(0.85, 1.0) * (1 - 0.5 * t)
-            puffs = _puffs(yy, xx, x, y, radii, dens)
-            plume = np.maximum(plume, puffs.max(axis=0))  # max, not a sum: overlap adds no mass
-        plume *= 0.75 + 0.25 * _smooth_noise(rng, s, s, 6)  # turbulence
+        plume = _plume(rng, s, yy, xx, tops)
         colour = rng.choice([[235, 235, 235], [170, 170, 175], [120, 110, 100], [200, 180, 140]])
         colour = colour + rng.uniform(-15, 15, 3)
         change = np.abs(colour - image).max(axis=-1) * plume  # how much the plume shows
         image = image * (1 - plume[..., None]) + colour * plume[..., None]
-    else:
-        change = plume
     image = image + rng.normal(0, 3, image.shape)  # sensor noise
     # Smoke is what a person would label: where the plume visibly changes the scene.
     mask = np.where(change > SMOKE_VISIBLE, 1, np.where(change > SMOKE_FAINT, IGNORE, 0))
@@ -1529,7 +1547,8 @@ def build_segmenter(model: ModelConfig, num_classes: int) -> models.DeepLab:
     return models.DeepLab(build_teacher(model, num_classes).backbone, num_classes + 1,
                           rates=rates)
 
-def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log) -> torch.nn.Module:
+def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
+                    ) -> models.DeepLab:
     """Stage 3 on the pseudo masks (255 ignored), or on the ground truth for the upper bound;
     checkpointed to RUN/segment.pt (segment_truth.pt), resumable."""
     seg = config.segment
@@ -1613,7 +1632,8 @@ def find_images(paths: list[str], folder: str | None) -> list[Path]:
     else:
         files = [Path(p) for p in paths]
     if not files:
-        raise DataError(f"{folder or 'the command line'}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{folder or 'the command line'}: no images "
+                        f"({', '.join(IMAGE_EXTENSIONS)})")
     seen: dict[str, Path] = {}
     for path in files:
         if path.stem in seen:
@@ -1622,7 +1642,8 @@ def find_images(paths: list[str], folder: str | None) -> list[Path]:
         seen[path.stem] = path
     return files
 
-def overlay(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int, side: int = 768) -> Image.Image:
+def overlay(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int, side: int = 768
+            ) -> Image.Image:
     """The photo with its mask painted over it, at most `side` pixels on its long side."""
     h, w = mask.shape
     scale = min(1.0, side / max(h, w))
@@ -2043,7 +2064,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--input", help="a folder of images (instead of naming files)")
     p.add_argument("--out", help="folder for <stem>.png masks and overlays/ (default: RUN/predict)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="images a batch (default: 16)")
+    p.add_argument("--batch-size", type=positive_int, default=16,
+                   help="images a batch (default: 16)")
     p = sub.add_parser("eval", help="score predicted masks against ground truth")
     p.add_argument("--data", required=True, help="dataset folder with masks/")
     p.add_argument("--split", default="val", help="split to score (default: val)")
