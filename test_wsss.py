@@ -24,8 +24,9 @@ import models
 import postprocess
 import wsss
 
+
 # -----------------------------------------------------------------------------
-# Data: the folder format, the generator, the importer, and bad input
+# Fixtures and helpers shared by every group
 
 
 def tiny_synth(root: Path, seed: int = 0, **overrides) -> Path:
@@ -43,6 +44,146 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = wsss.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+TINY = ("--image-size", 32, "--teacher-width", 8, "--student-depth", 2, "--batch-size", 4,
+        "--teacher-epochs", 2, "--student-epochs", 2, "--cam-scales", 1.0, "--log-every", 1,
+        "--no-baseline")  # the student alone is trained where a test asks for it
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, synth_dir) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    assert wsss.main(["train", "--data", str(synth_dir), "--out", str(run),
+                      *map(str, TINY)]) == 0
+    return run
+
+
+def tiny_teacher(pcm=True):
+    return models.Teacher(models.resnet18(output_stride=8, width=8, num_classes=0), 2, pcm=pcm)
+
+
+def tiny_student(num_classes=2, head="token", stem="patch"):
+    vit = models.vit_tiny(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                          num_classes=num_classes if head == "token" else 0, stem=stem)
+    return models.Student(vit, num_classes, head=head)
+
+
+def cam_student():
+    return tiny_student(head="cam", stem="conv")
+
+
+def tiny_torchvision_vit():
+    from torchvision.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                            hidden_dim=32, mlp_dim=128, num_classes=5)
+    with torch.no_grad():  # torchvision zero-initialises the head and class token
+        for p in vit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return vit.eval()
+
+
+def fake_smoke5k(root: Path) -> Path:
+    """Two photographs in SMOKE5K's layout with known smoke: a block in the top-left corner."""
+    (root / "img").mkdir(parents=True)
+    (root / "gt").mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (("p1", (60, 80)), ("p2", (40, 40))):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+            root / "img" / f"{name}.jpg")
+        gt = np.zeros((h, w), np.uint8)
+        gt[:20, :20] = 255
+        gt[h - 1, w - 1] = 255  # a single smoke pixel: its tile is ambiguous, not negative
+        Image.fromarray(gt).save(root / "gt" / f"{name}.png")
+    return root
+
+
+def broken_copy(synth_dir: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "broken"
+    shutil.copytree(synth_dir, root)
+    return root
+
+
+def expect_error(capsys, root: Path, *fragments: str) -> None:
+    """`train` on bad data stops with one line naming the problem, exit code 2."""
+    code, out, err = run_cli(capsys, "train", "--data", root)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def write_faulty_frames(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Frames of every kind a camera folder may hold: name -> (H, W), or None for the ones
+    that cannot be read and must be skipped."""
+    root.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(root / "truncated.jpg")
+    data = (root / "truncated.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "empty.png").write_bytes(b"")
+    (root / "loop.png").symlink_to(root / "loop.png")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "one_pixel.png")
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(root / "grey16.png")
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
+    Image.fromarray(rgb).convert("L").save(root / "grey.jpg")
+    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
+    Image.new("RGB", (6000, 4000), (90, 90, 90)).save(root / "huge.jpg")
+    return {"truncated": None, "empty": None, "loop": None, "one_pixel": (1, 1),
+            "grey16": (40, 60), "palette": (40, 60), "grey": (40, 60), "cmyk": (40, 60),
+            "huge": (4000, 6000)}
+
+
+def one_line_error(err: str, flag: str) -> bool:
+    lines = err.strip().splitlines()
+    return len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0]
+
+
+def brute_force_crf(image, prob, iters, sxy_g=3.0, compat_g=3.0, sxy_b=80.0, srgb=13.0,
+                    compat_b=10.0):
+    """Mean field with every pixel pair summed exactly, in float64 (tiny images only)."""
+    C, H, W = prob.shape
+    unary = torch.log(prob.double().clamp(1e-5, 1)).reshape(C, -1).T  # (HW, C)
+    kernels = []
+    for features, weight in ((postprocess.pixel_features(None, (1, H, W), sxy_g), compat_g),
+                             (postprocess.pixel_features(image[None], (1, H, W), sxy_b, srgb),
+                              compat_b)):
+        f = features[0].double()
+        k = torch.exp(-torch.cdist(f, f) ** 2 / 2)
+        kernels.append((k, k.sum(1, keepdim=True).rsqrt(), weight))
+    q = unary.softmax(-1)
+    for _ in range(iters):
+        logits = unary.clone()
+        for k, n, w in kernels:
+            logits += w * n * (k @ (n * q))
+        q = logits.softmax(-1)
+    return q.T.reshape(C, H, W)
+
+
+def edge_scene(seed: int, size: int = 12, centre: float = 5.5):
+    """A dark left half, a bright right half, and a soft, noisy foreground ramp."""
+    g = torch.Generator().manual_seed(seed)
+    image = (torch.rand(3, size, size, generator=g) * 60).to(torch.uint8)
+    image[:, :, size // 2:] += 150
+    x = torch.arange(size).float().expand(size, size)
+    ramp = torch.sigmoid((x - centre + torch.randn(size, size, generator=g)) / 2)
+    return image, torch.stack([1 - ramp, ramp]) * 0.8 + 0.1
+
+
+def loss_curve(log: str, stage: str) -> np.ndarray:
+    """The loss terms of every progress line of a stage: (lines, terms)."""
+    rows = []
+    for line in log.splitlines():
+        if line.startswith(f"{stage} epoch"):
+            words = line.split("|")[0].split()[5:]  # after "<stage> epoch e/E step s/S"
+            rows.append([float(v) for v in words[1::2]])
+    return np.array(rows)
+
+
+# -----------------------------------------------------------------------------
+# Data: the folder format, the generator, the importer, and what real folders hold
 
 
 def test_synth_is_deterministic_by_seed(tmp_path):
@@ -128,21 +269,6 @@ def test_dataset_round_trip_of_a_hand_written_folder(tmp_path):
     assert ds[1]["rgb"].shape == (3, 20, 30)  # grayscale converted to RGB
 
 
-def fake_smoke5k(root: Path) -> Path:
-    """Two photographs in SMOKE5K's layout with known smoke: a block in the top-left corner."""
-    (root / "img").mkdir(parents=True)
-    (root / "gt").mkdir()
-    rng = np.random.default_rng(0)
-    for name, (h, w) in (("p1", (60, 80)), ("p2", (40, 40))):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
-            root / "img" / f"{name}.jpg")
-        gt = np.zeros((h, w), np.uint8)
-        gt[:20, :20] = 255
-        gt[h - 1, w - 1] = 255  # a single smoke pixel: its tile is ambiguous, not negative
-        Image.fromarray(gt).save(root / "gt" / f"{name}.png")
-    return root
-
-
 def test_tile_origins_cover_with_fewest_tiles():
     assert wsss.tile_origins(32, 32) == [0]
     assert wsss.tile_origins(80, 32) == [0, 24, 48]
@@ -176,22 +302,6 @@ def test_prepare_smoke5k_tiles_and_labels(tmp_path, capsys):
         photos = {s.split("_")[0] for s in stems}
         other = (tmp_path / "d2" / ("val.txt" if split == "train" else "train.txt")).read_text()
         assert not any(p + "_" in other for p in photos)
-
-
-def broken_copy(synth_dir: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "broken"
-    shutil.copytree(synth_dir, root)
-    return root
-
-
-def expect_error(capsys, root: Path, *fragments: str) -> None:
-    """`train` on bad data stops with one line naming the problem, exit code 2."""
-    code, out, err = run_cli(capsys, "train", "--data", root)
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_error_missing_folder_and_files(tmp_path, capsys, synth_dir):
@@ -233,33 +343,61 @@ def test_error_empty_split(tmp_path, capsys, synth_dir):
     expect_error(capsys, root, "val.txt", "empty split")
 
 
-def test_existing_output_needs_force(tmp_path, capsys):
-    out = tiny_synth(tmp_path / "s")
-    before = (out / "images" / "train_00000.png").read_bytes()
-    code, _, err = run_cli(capsys, "synth", "--out", out, "--n-train", 4, "--n-val", 2,
-                           "--size", 32, "--seed", 9)
-    assert code == 2 and "--force" in err and "Traceback" not in err
-    assert (out / "images" / "train_00000.png").read_bytes() == before
-    src = fake_smoke5k(tmp_path / "smoke5k")
-    code, _, err = run_cli(capsys, "prepare", "smoke5k", src, out)
-    assert code == 2 and "--force" in err
-    code, _, _ = run_cli(capsys, "synth", "--out", out, "--n-train", 4, "--n-val", 2,
-                         "--size", 32, "--force")
-    assert code == 0 and len(list((out / "images").iterdir())) == 6
-
-
 def test_prepare_missing_source(tmp_path, capsys):
     code, _, err = run_cli(capsys, "prepare", "smoke5k", tmp_path / "none", tmp_path / "out")
     assert code == 2 and "img" in err and "not found" in err
 
 
-def test_pick_device():
-    assert wsss.pick_device("cpu") == torch.device("cpu")
-    assert wsss.pick_device("auto").type in {"cuda", "mps", "cpu"}
+def test_load_image_converts_every_mode_and_names_what_fails(tmp_path):
+    expected = write_faulty_frames(tmp_path / "frames")
+    for name, size in expected.items():
+        path = next((tmp_path / "frames").glob(name + ".*"))
+        if size is None:
+            with pytest.raises(wsss.DataError, match=name):
+                wsss.load_image(path)
+            continue
+        image = wsss.load_image(path)
+        assert image.mode == "RGB" and (image.height, image.width) == size
+    # 16-bit grey keeps its picture (PIL alone would clip it to white).
+    grey16 = np.array(wsss.load_image(tmp_path / "frames" / "grey16.png"), dtype=int)
+    source = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)[..., 0]
+    assert all((grey16[..., c] == source).all() for c in range(3))
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated"])
+def test_error_empty_or_truncated_training_image(tmp_path, capsys, synth_dir, kind):
+    root = broken_copy(synth_dir, tmp_path)
+    path = root / "images" / "train_00003.png"
+    data = path.read_bytes()
+    path.write_bytes(b"" if kind == "empty" else data[: len(data) // 2])
+    expect_error(capsys, root, "train_00003.png", "cannot decode")
+
+
+def test_dataset_reads_other_image_and_mask_modes(tmp_path, synth_dir):
+    root = broken_copy(synth_dir, tmp_path)
+    reference = wsss.SmokeDataset(synth_dir, "train", size=None)
+    rgb = np.array(Image.open(root / "images" / "train_00000.png").convert("RGB"))
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(
+        root / "images" / "train_00000.png")
+    mask = np.array(Image.open(root / "masks" / "train_00000.png"))
+    Image.fromarray(mask.astype(np.uint16)).save(root / "masks" / "train_00000.png")  # 16-bit
+    palette_mask = Image.fromarray(mask).convert("P")
+    palette_mask.putpalette([0, 0, 0, 255, 0, 0] + [255, 255, 255] * 254)
+    palette_mask.save(root / "masks" / "train_00001.png")  # VOC-style palette mask
+    dataset = wsss.SmokeDataset(root, "train", size=None)
+    for i in (0, 1):
+        assert torch.equal(dataset[i]["mask"], reference[i]["mask"] if i else
+                           torch.from_numpy(mask).long())
+    assert (dataset[0]["rgb"].float() - reference[0]["rgb"].float()).abs().mean() < 8
 
 
 # -----------------------------------------------------------------------------
-# Models: torchvision and a torchvision ViT are the oracles
+# Networks: torchvision and a torchvision ViT are the oracles
+
+
+def test_pick_device():
+    assert wsss.pick_device("cpu") == torch.device("cpu")
+    assert wsss.pick_device("auto").type in {"cuda", "mps", "cpu"}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
@@ -284,17 +422,6 @@ def test_output_stride_changes_only_the_feature_size(build):
         net.load_state_dict(state, strict=True)  # dilation adds no parameter
         f = net.forward_features(x)
         assert f.shape == (1, net.num_features, 64 // os_, 64 // os_)
-
-
-def tiny_torchvision_vit():
-    from torchvision.models.vision_transformer import VisionTransformer
-    torch.manual_seed(0)
-    vit = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                            hidden_dim=32, mlp_dim=128, num_classes=5)
-    with torch.no_grad():  # torchvision zero-initialises the head and class token
-        for p in vit.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return vit.eval()
 
 
 def test_vit_matches_torchvision_after_conversion():
@@ -326,20 +453,6 @@ def test_vit_names_are_timms_and_pos_embed_resamples():
         vit(torch.randn(1, 3, 65, 64))
 
 
-def tiny_teacher(pcm=True):
-    return models.Teacher(models.resnet18(output_stride=8, width=8, num_classes=0), 2, pcm=pcm)
-
-
-def tiny_student(num_classes=2, head="token", stem="patch"):
-    vit = models.vit_tiny(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                          num_classes=num_classes if head == "token" else 0, stem=stem)
-    return models.Student(vit, num_classes, head=head)
-
-
-def cam_student():
-    return tiny_student(head="cam", stem="conv")
-
-
 @pytest.mark.parametrize("make", [tiny_teacher, tiny_student, cam_student])
 def test_every_parameter_gets_a_gradient(make):
     torch.manual_seed(0)
@@ -366,24 +479,6 @@ def test_tiny_networks_overfit_one_batch(make):
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
-
-
-def test_student_gradcam_weights_the_last_blocks_input_by_pooled_gradients():
-    torch.manual_seed(0)
-    student = tiny_student().eval()
-    x = torch.randn(2, 3, 32, 32)
-    cams = student.gradcam(x)
-    assert cams.shape == (2, 2, 4, 4) and (cams >= 0).all() and cams.sum() > 0
-    # Oracle: the same formula from a hook on the last block's norm1 and autograd.
-    saved = {}
-    hook = student.backbone.blocks[-1].norm1.register_forward_hook(
-        lambda m, i, o: saved.setdefault("a", o))
-    x.requires_grad_(True)
-    logits, _ = student(x)
-    hook.remove()
-    grad, = torch.autograd.grad(logits[:, 0].sum(), saved["a"])
-    expect = torch.relu((saved["a"][:, 1:] * grad[:, 1:].mean(1, keepdim=True)).sum(-1))
-    assert torch.allclose(cams[:, 0].flatten(1), expect, atol=1e-5)
 
 
 def test_load_pretrained_drops_a_head_of_another_class_count():
@@ -436,7 +531,7 @@ def test_bad_weights_files(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Losses: hand-made inputs with known values
+# Losses: L_cls, L_align, L_cons on hand-made inputs with known values
 
 
 def test_classification_loss_is_bce():
@@ -527,11 +622,7 @@ def test_consistency_loss_zero_for_equivariant_maps():
 
 
 # -----------------------------------------------------------------------------
-# Training: tiny end-to-end runs
-
-TINY = ("--image-size", 32, "--teacher-width", 8, "--student-depth", 2, "--batch-size", 4,
-        "--teacher-epochs", 2, "--student-epochs", 2, "--cam-scales", 1.0, "--log-every", 1,
-        "--no-baseline")  # the student alone is trained where a test asks for it
+# Training: tiny end-to-end runs, resume, torchrun
 
 
 def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
@@ -646,39 +737,75 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys, synth_di
                                       if v.is_floating_point())
 
 
+def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
+    """The student stage under `torchrun --nproc_per_node 2` (gloo, global batch 4 = 2 + 2)
+    follows the single-process run: same loss curve and weights within float tolerance, and
+    the pseudo masks of both processes' shares. (The teacher stage is shared: its BatchNorm
+    normalises each process's half batch on CPU, where SyncBatchNorm does not run.)"""
+    # Deterministic data and no BatchNorm in the student (a conv stem's would see half batches).
+    args = [*TINY, "--amp", "off", "--no-flip", "--crop", 1.0, "--student-stem", "patch"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert run_cli(capsys, "train", "--data", synth_dir, "--out", single, *args)[0] == 0
+    ddp.mkdir()
+    for name in ("config.json", "teacher.pt"):
+        shutil.copy(single / name, ddp / name)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node", "2", "wsss.py"]
+    result = subprocess.run([*torchrun, "train", "--resume", str(ddp)],
+                            cwd=Path(wsss.__file__).parent, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("student epoch 2/2 step 3/3") == 1  # one process logs
+    a = loss_curve((single / "log.txt").read_text(), "student")
+    b = loss_curve((ddp / "log.txt").read_text(), "student")
+    assert a.shape == b.shape == (6, 4) and np.allclose(a, b, atol=1e-4)
+    wa = wsss.load_checkpoint(single / "student.pt")["model"]
+    wb = wsss.load_checkpoint(ddp / "student.pt")["model"]
+    # Within 1e-3: the key bias has no true gradient (softmax ignores a shift shared by all
+    # keys), so Adam turns rounding noise there into steps of up to lr = 5e-4; elsewhere within
+    # a fifth of one step (Adam divides near-zero gradients by their own size too).
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa)
+    far = [k for k in wa if "qkv.bias" not in k and not torch.allclose(wa[k], wb[k], atol=1e-4)]
+    assert not far, [(k, (wa[k] - wb[k]).abs().max().item()) for k in far]
+    assert len(list((ddp / "pseudo_train").glob("*.png"))) == 12
+    scores = wsss.json.loads((ddp / "scores.json").read_text())
+    assert 0 <= scores["aligned student (ViT)"]["smoke_iou"] <= 100
+    # Stage 3 under torchrun too: one checkpoint, one validation score.
+    # --run-dir: torchrun would read --run as an abbreviation of its own --run-path.
+    result = subprocess.run([*torchrun, "segment", "--run-dir", str(ddp), "--seg-epochs", "1",
+                             "--seg-batch-size", "4"], cwd=Path(wsss.__file__).parent,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert wsss.load_checkpoint(ddp / "segment.pt")["done"]
+    assert result.stdout.count("stage 3 (pseudo) on val") == 1
+
+
+def test_channels_last_training_runs(tmp_path, capsys, synth_dir):
+    code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", tmp_path / "cl",
+                             *TINY, "--channels-last")
+    assert code == 0 and "smoke IoU" in out, err
+
+
 # -----------------------------------------------------------------------------
-# Post-processing: the dense CRF against a brute-force oracle
+# CAMs to pseudo masks: Grad-CAM, the dense CRF against a brute-force oracle, the coverage fix
 
 
-def brute_force_crf(image, prob, iters, sxy_g=3.0, compat_g=3.0, sxy_b=80.0, srgb=13.0,
-                    compat_b=10.0):
-    """Mean field with every pixel pair summed exactly, in float64 (tiny images only)."""
-    C, H, W = prob.shape
-    unary = torch.log(prob.double().clamp(1e-5, 1)).reshape(C, -1).T  # (HW, C)
-    kernels = []
-    for features, weight in ((postprocess.pixel_features(None, (1, H, W), sxy_g), compat_g),
-                             (postprocess.pixel_features(image[None], (1, H, W), sxy_b, srgb),
-                              compat_b)):
-        f = features[0].double()
-        k = torch.exp(-torch.cdist(f, f) ** 2 / 2)
-        kernels.append((k, k.sum(1, keepdim=True).rsqrt(), weight))
-    q = unary.softmax(-1)
-    for _ in range(iters):
-        logits = unary.clone()
-        for k, n, w in kernels:
-            logits += w * n * (k @ (n * q))
-        q = logits.softmax(-1)
-    return q.T.reshape(C, H, W)
-
-
-def edge_scene(seed: int, size: int = 12, centre: float = 5.5):
-    """A dark left half, a bright right half, and a soft, noisy foreground ramp."""
-    g = torch.Generator().manual_seed(seed)
-    image = (torch.rand(3, size, size, generator=g) * 60).to(torch.uint8)
-    image[:, :, size // 2:] += 150
-    x = torch.arange(size).float().expand(size, size)
-    ramp = torch.sigmoid((x - centre + torch.randn(size, size, generator=g)) / 2)
-    return image, torch.stack([1 - ramp, ramp]) * 0.8 + 0.1
+def test_student_gradcam_weights_the_last_blocks_input_by_pooled_gradients():
+    torch.manual_seed(0)
+    student = tiny_student().eval()
+    x = torch.randn(2, 3, 32, 32)
+    cams = student.gradcam(x)
+    assert cams.shape == (2, 2, 4, 4) and (cams >= 0).all() and cams.sum() > 0
+    # Oracle: the same formula from a hook on the last block's norm1 and autograd.
+    saved = {}
+    hook = student.backbone.blocks[-1].norm1.register_forward_hook(
+        lambda m, i, o: saved.setdefault("a", o))
+    x.requires_grad_(True)
+    logits, _ = student(x)
+    hook.remove()
+    grad, = torch.autograd.grad(logits[:, 0].sum(), saved["a"])
+    expect = torch.relu((saved["a"][:, 1:] * grad[:, 1:].mean(1, keepdim=True)).sum(-1))
+    assert torch.allclose(cams[:, 0].flatten(1), expect, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -747,14 +874,6 @@ def test_random_walk_over_affinities():
     assert t.shape == (2, 12, 12) and torch.allclose(t.sum(-1), torch.ones(2, 12))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, synth_dir) -> Path:
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    assert wsss.main(["train", "--data", str(synth_dir), "--out", str(run),
-                      *map(str, TINY)]) == 0
-    return run
-
-
 def test_pseudo_writes_masks_overlays_and_scores(tiny_run, tmp_path, capsys):
     out = tmp_path / "masks"
     code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out",
@@ -779,7 +898,7 @@ def test_pseudo_names_the_command_that_makes_a_missing_checkpoint(tiny_run, tmp_
 
 
 # -----------------------------------------------------------------------------
-# Evaluation
+# Scores: masks against ground truth, eval, the ablation
 
 
 def test_scores_on_hand_made_masks():
@@ -807,6 +926,26 @@ def test_scores_on_hand_made_masks():
     moved[2:6, 3:7] = 1  # one pixel off: within the 2-pixel tolerance
     shifted.add(moved, truth)
     assert shifted.result()["boundary_f1"] == pytest.approx(100)
+
+
+def test_scores_without_context_print_n_a():
+    r = postprocess.Scores(1)
+    r.add(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 4, dtype=torch.long))
+    assert "chimney called smoke n/a %" in wsss.format_scores("x", r.result())
+
+
+def test_pseudo_and_eval_agree_at_the_truths_resolution(tiny_run, synth_dir, tmp_path, capsys):
+    """The run's networks read 32 px; the data is 48 px: both commands score the written
+    masks against the 48 px ground truth, to the last digit."""
+    out = tmp_path / "masks"
+    code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out",
+                                out, "--json")
+    assert code == 0, err
+    from_pseudo = wsss.json.loads(stdout.strip().splitlines()[-1])
+    code, stdout, err = run_cli(capsys, "eval", "--data", synth_dir, "--split", "val", "--pred",
+                                out, "--json")
+    assert code == 0, err
+    assert wsss.json.loads(stdout) == from_pseudo
 
 
 def test_eval_command(tmp_path, capsys, synth_dir):
@@ -929,47 +1068,6 @@ def test_segment_and_predict_name_what_is_missing(tiny_run, tmp_path, capsys):
     assert code == 2 and "folder not found" in err
 
 
-# -----------------------------------------------------------------------------
-# Data faults: every reader survives what real folders hold
-
-
-def write_faulty_frames(root: Path) -> dict[str, tuple[int, int] | None]:
-    """Frames of every kind a camera folder may hold: name -> (H, W), or None for the ones
-    that cannot be read and must be skipped."""
-    root.mkdir()
-    rgb = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(root / "truncated.jpg")
-    data = (root / "truncated.jpg").read_bytes()
-    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (root / "empty.png").write_bytes(b"")
-    (root / "loop.png").symlink_to(root / "loop.png")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "one_pixel.png")
-    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(root / "grey16.png")
-    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
-    Image.fromarray(rgb).convert("L").save(root / "grey.jpg")
-    Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg")
-    Image.new("RGB", (6000, 4000), (90, 90, 90)).save(root / "huge.jpg")
-    return {"truncated": None, "empty": None, "loop": None, "one_pixel": (1, 1),
-            "grey16": (40, 60), "palette": (40, 60), "grey": (40, 60), "cmyk": (40, 60),
-            "huge": (4000, 6000)}
-
-
-def test_load_image_converts_every_mode_and_names_what_fails(tmp_path):
-    expected = write_faulty_frames(tmp_path / "frames")
-    for name, size in expected.items():
-        path = next((tmp_path / "frames").glob(name + ".*"))
-        if size is None:
-            with pytest.raises(wsss.DataError, match=name):
-                wsss.load_image(path)
-            continue
-        image = wsss.load_image(path)
-        assert image.mode == "RGB" and (image.height, image.width) == size
-    # 16-bit grey keeps its picture (PIL alone would clip it to white).
-    grey16 = np.array(wsss.load_image(tmp_path / "frames" / "grey16.png"), dtype=int)
-    source = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)[..., 0]
-    assert all((grey16[..., c] == source).all() for c in range(3))
-
-
 def test_predict_skips_unreadable_frames_and_keeps_sizes(tiny_run, tmp_path, capsys):
     expected = write_faulty_frames(tmp_path / "frames")
     out = tmp_path / "out"
@@ -985,98 +1083,34 @@ def test_predict_skips_unreadable_frames_and_keeps_sizes(tiny_run, tmp_path, cap
             assert np.array(Image.open(mask)).shape == size
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated"])
-def test_error_empty_or_truncated_training_image(tmp_path, capsys, synth_dir, kind):
-    root = broken_copy(synth_dir, tmp_path)
-    path = root / "images" / "train_00003.png"
-    data = path.read_bytes()
-    path.write_bytes(b"" if kind == "empty" else data[: len(data) // 2])
-    expect_error(capsys, root, "train_00003.png", "cannot decode")
-
-
-def test_dataset_reads_other_image_and_mask_modes(tmp_path, synth_dir):
-    root = broken_copy(synth_dir, tmp_path)
-    reference = wsss.SmokeDataset(synth_dir, "train", size=None)
-    rgb = np.array(Image.open(root / "images" / "train_00000.png").convert("RGB"))
-    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE).save(
-        root / "images" / "train_00000.png")
-    mask = np.array(Image.open(root / "masks" / "train_00000.png"))
-    Image.fromarray(mask.astype(np.uint16)).save(root / "masks" / "train_00000.png")  # 16-bit
-    palette_mask = Image.fromarray(mask).convert("P")
-    palette_mask.putpalette([0, 0, 0, 255, 0, 0] + [255, 255, 255] * 254)
-    palette_mask.save(root / "masks" / "train_00001.png")  # VOC-style palette mask
-    dataset = wsss.SmokeDataset(root, "train", size=None)
-    for i in (0, 1):
-        assert torch.equal(dataset[i]["mask"], reference[i]["mask"] if i else
-                           torch.from_numpy(mask).long())
-    assert (dataset[0]["rgb"].float() - reference[0]["rgb"].float()).abs().mean() < 8
-
-
-# -----------------------------------------------------------------------------
-# Distributed data parallel: torchrun, two CPU processes over gloo
-
-
-def loss_curve(log: str, stage: str) -> np.ndarray:
-    """The loss terms of every progress line of a stage: (lines, terms)."""
-    rows = []
-    for line in log.splitlines():
-        if line.startswith(f"{stage} epoch"):
-            words = line.split("|")[0].split()[5:]  # after "<stage> epoch e/E step s/S"
-            rows.append([float(v) for v in words[1::2]])
-    return np.array(rows)
-
-
-def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
-    """The student stage under `torchrun --nproc_per_node 2` (gloo, global batch 4 = 2 + 2)
-    follows the single-process run: same loss curve and weights within float tolerance, and
-    the pseudo masks of both processes' shares. (The teacher stage is shared: its BatchNorm
-    normalises each process's half batch on CPU, where SyncBatchNorm does not run.)"""
-    # Deterministic data and no BatchNorm in the student (a conv stem's would see half batches).
-    args = [*TINY, "--amp", "off", "--no-flip", "--crop", 1.0, "--student-stem", "patch"]
-    single, ddp = tmp_path / "single", tmp_path / "ddp"
-    assert run_cli(capsys, "train", "--data", synth_dir, "--out", single, *args)[0] == 0
-    ddp.mkdir()
-    for name in ("config.json", "teacher.pt"):
-        shutil.copy(single / name, ddp / name)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node", "2", "wsss.py"]
-    result = subprocess.run([*torchrun, "train", "--resume", str(ddp)],
-                            cwd=Path(wsss.__file__).parent, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("student epoch 2/2 step 3/3") == 1  # one process logs
-    a = loss_curve((single / "log.txt").read_text(), "student")
-    b = loss_curve((ddp / "log.txt").read_text(), "student")
-    assert a.shape == b.shape == (6, 4) and np.allclose(a, b, atol=1e-4)
-    wa = wsss.load_checkpoint(single / "student.pt")["model"]
-    wb = wsss.load_checkpoint(ddp / "student.pt")["model"]
-    # Within 1e-3: the key bias has no true gradient (softmax ignores a shift shared by all
-    # keys), so Adam turns rounding noise there into steps of up to lr = 5e-4; elsewhere within
-    # a fifth of one step (Adam divides near-zero gradients by their own size too).
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-3) for k in wa)
-    far = [k for k in wa if "qkv.bias" not in k and not torch.allclose(wa[k], wb[k], atol=1e-4)]
-    assert not far, [(k, (wa[k] - wb[k]).abs().max().item()) for k in far]
-    assert len(list((ddp / "pseudo_train").glob("*.png"))) == 12
-    scores = wsss.json.loads((ddp / "scores.json").read_text())
-    assert 0 <= scores["aligned student (ViT)"]["smoke_iou"] <= 100
-    # Stage 3 under torchrun too: one checkpoint, one validation score.
-    # --run-dir: torchrun would read --run as an abbreviation of its own --run-path.
-    result = subprocess.run([*torchrun, "segment", "--run-dir", str(ddp), "--seg-epochs", "1",
-                             "--seg-batch-size", "4"], cwd=Path(wsss.__file__).parent,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert wsss.load_checkpoint(ddp / "segment.pt")["done"]
-    assert result.stdout.count("stage 3 (pseudo) on val") == 1
-
-
-def test_channels_last_training_runs(tmp_path, capsys, synth_dir):
-    code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", tmp_path / "cl",
-                             *TINY, "--channels-last")
-    assert code == 0 and "smoke IoU" in out, err
+def test_predict_refuses_an_unfinished_stage_3(tiny_run, tmp_path, synth_dir, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = wsss.read_run_config(run)
+    net = wsss.build_segmenter(config.model, 1)
+    wsss.save_checkpoint(run / "segment.pt", config, net, None, 0, False, step=1)
+    code, _, err = run_cli(capsys, "predict", "--run", run, "--out", tmp_path / "o",
+                           synth_dir / "images" / "val_00000.png")
+    assert code == 2 and one_line_error(err, "segment --run"), err
 
 
 # -----------------------------------------------------------------------------
 # Bad settings and outputs: checked before any work, nothing read is ever deleted
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    out = tiny_synth(tmp_path / "s")
+    before = (out / "images" / "train_00000.png").read_bytes()
+    code, _, err = run_cli(capsys, "synth", "--out", out, "--n-train", 4, "--n-val", 2,
+                           "--size", 32, "--seed", 9)
+    assert code == 2 and "--force" in err and "Traceback" not in err
+    assert (out / "images" / "train_00000.png").read_bytes() == before
+    src = fake_smoke5k(tmp_path / "smoke5k")
+    code, _, err = run_cli(capsys, "prepare", "smoke5k", src, out)
+    assert code == 2 and "--force" in err
+    code, _, _ = run_cli(capsys, "synth", "--out", out, "--n-train", 4, "--n-val", 2,
+                         "--size", 32, "--force")
+    assert code == 0 and len(list((out / "images").iterdir())) == 6
 
 
 BAD_TRAIN_FLAGS = [
@@ -1090,11 +1124,6 @@ BAD_TRAIN_FLAGS = [
     ("--amp", "foo"), ("--teacher", "foo"), ("--student-head", "foo"),
     ("--crop", "0"), ("--image-size", "100"),  # not a multiple of the patch size
 ] + ([] if wsss.torch.cuda.is_available() else [("--device", "cuda")])
-
-
-def one_line_error(err: str, flag: str) -> bool:
-    lines = err.strip().splitlines()
-    return len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0]
 
 
 @pytest.mark.parametrize("flag,value", BAD_TRAIN_FLAGS)
@@ -1203,35 +1232,8 @@ def test_an_interrupted_command_leaves_no_partial_output(tmp_path, capsys, monke
     assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary sibling
 
 
-def test_predict_refuses_an_unfinished_stage_3(tiny_run, tmp_path, synth_dir, capsys):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    config = wsss.read_run_config(run)
-    net = wsss.build_segmenter(config.model, 1)
-    wsss.save_checkpoint(run / "segment.pt", config, net, None, 0, False, step=1)
-    code, _, err = run_cli(capsys, "predict", "--run", run, "--out", tmp_path / "o",
-                           synth_dir / "images" / "val_00000.png")
-    assert code == 2 and one_line_error(err, "segment --run"), err
-
-
-def test_pseudo_and_eval_agree_at_the_truths_resolution(tiny_run, synth_dir, tmp_path, capsys):
-    """The run's networks read 32 px; the data is 48 px: both commands score the written
-    masks against the 48 px ground truth, to the last digit."""
-    out = tmp_path / "masks"
-    code, stdout, err = run_cli(capsys, "pseudo", "--run", tiny_run, "--split", "val", "--out",
-                                out, "--json")
-    assert code == 0, err
-    from_pseudo = wsss.json.loads(stdout.strip().splitlines()[-1])
-    code, stdout, err = run_cli(capsys, "eval", "--data", synth_dir, "--split", "val", "--pred",
-                                out, "--json")
-    assert code == 0, err
-    assert wsss.json.loads(stdout) == from_pseudo
-
-
-def test_scores_without_context_print_n_a():
-    r = postprocess.Scores(1)
-    r.add(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 4, dtype=torch.long))
-    assert "chimney called smoke n/a %" in wsss.format_scores("x", r.result())
+# -----------------------------------------------------------------------------
+# Benchmarks
 
 
 def test_bench_crf_prints_ours_beside_the_reference(tmp_path, capsys):

@@ -577,15 +577,6 @@ def score_batch(scores: postprocess.Scores, masks: torch.Tensor, batch: dict,
         else:
             scores.add(postprocess.resize_mask(mask, size), *dataset.truth(batch["stem"][i]))
 
-def score_masks(dataset: "SmokeDataset", cam: CamConfig, refine_config: RefineConfig,
-                teacher, student, device: torch.device, amp: str) -> dict:
-    """Scores of one network's pseudo masks over a split, without writing files."""
-    scores = postprocess.Scores(len(dataset.classes))
-    for batch, _, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
-                                        amp):
-        score_batch(scores, masks, batch, dataset)
-    return gather_scores(scores).result()
-
 def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
                        ) -> float:
     """The network's L_cls over a split (float32): how well it has learned the labels."""
@@ -622,8 +613,8 @@ def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch
     scores = {}
     for name, (cam, net) in rows.items():
         if net is not None:
-            scores[name] = score_masks(dataset, cam, config.refine, teacher, net, device,
-                                       config.train.amp)
+            scores[name] = write_pseudo_masks(dataset, None, cam, config.refine, teacher, net,
+                                              device, config.train.amp)
             scores[name]["bce"] = classification_bce(net, dataset, device)
     log(f"pseudo masks of the {split} split ({len(dataset)} images) vs ground truth, one "
         f"read-out for all (threshold {config.cam.threshold}, scales "
@@ -648,6 +639,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     teacher, student = train_networks(run, config, dataset, device, log)
     alone = train_alone(run, config, dataset, device, log) if config.train.baseline else None
     plain = SmokeDataset(config.data, "train", size=config.model.image_size)
+    (run / "pseudo_train").mkdir(exist_ok=True)
     write_pseudo_masks(plain, run / "pseudo_train", config.cam, config.refine, teacher, student,
                        device, config.train.amp, run / "overlays.png")
     log(f"pseudo masks: {run / 'pseudo_train'} ({len(plain)} PNGs), overlays: "
@@ -1219,19 +1211,19 @@ def overlay_grid(rgbs: list[torch.Tensor], masks: list[torch.Tensor], path: Path
     grid = make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
 
-def write_pseudo_masks(dataset: "SmokeDataset", out: Path, cam: CamConfig,
+def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig,
                        refine_config: RefineConfig, teacher, student, device: torch.device,
-                       amp: str, overlays: Path | None) -> dict | None:
-    """The split's pseudo masks into `out` at each file's own size, an overlay grid, and the
-    masks' scores when the dataset has ground truth."""
-    out.mkdir(parents=True, exist_ok=True)
+                       amp: str, overlays: Path | None = None) -> dict | None:
+    """The split's pseudo masks into `out` (None: nowhere) at each file's own size, an overlay
+    grid, and the masks' scores when the dataset has ground truth."""
     scores = postprocess.Scores(len(dataset.classes)) if dataset.has_masks else None
     shown_rgb, shown_mask = [], []
     for batch, _, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
                                         amp):
         for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
-            size = tuple(batch["size"][i].tolist())
-            save_mask(postprocess.resize_mask(mask, size), out / f"{stem}.png")
+            if out is not None:
+                size = tuple(batch["size"][i].tolist())
+                save_mask(postprocess.resize_mask(mask, size), out / f"{stem}.png")
             if len(shown_rgb) < 16 and batch["label"][i].any():
                 shown_rgb.append(batch["rgb"][i])
                 shown_mask.append(mask)
@@ -1774,8 +1766,9 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
             o = argparse.Namespace(**read_out)
             cam = config_from_args(CamConfig, o, base.cam)
             dataset = SmokeDataset(base.data, split, size=base.model.image_size)
-            scores = score_masks(dataset, cam, config_from_args(RefineConfig, o, base.refine),
-                                 teacher, student, device, config.train.amp)
+            refine_config = config_from_args(RefineConfig, o, base.refine)
+            scores = write_pseudo_masks(dataset, None, cam, refine_config, teacher, student,
+                                        device, config.train.amp)
             table.setdefault(label, []).append(scores)
             print(format_scores(f"{label} (seed {seed})", scores), flush=True)
     return {ABLATION_ROWS[n][0]: table[ABLATION_ROWS[n][0]] for n in rows}
