@@ -4,8 +4,9 @@
   one-to-one, and an output-stride option (dilated last stages) for CAMs.
 - ViT (Dosovitskiy et al. 2021) with timm's parameter names, so DeiT, DINO and AugReg weights
   load one-to-one; hand-written attention that can return its maps.
-- Teacher = ResNet + 1x1 classifier (+ SEAM's pixel correlation module); Student = ViT +
-  class-token head + 1x1 projection of the patch tokens. Both return (logits, maps).
+- Teacher = ResNet + 1x1 classifier (+ SEAM's pixel correlation module); Student = ViT + 1x1
+  projection of the patch tokens + a classifier (its class token, or the mean of the map).
+  Both return (logits, maps); the student also gives its Grad-CAM.
 - Stage 3: DeepLab (ResNet + ASPP), per-pixel logits for training on pseudo masks.
 
 Networks only: tensors in, tensors out; no files, no argv.
@@ -460,7 +461,7 @@ class Student(nn.Module):
         return torch.stack(cams, dim=1).float()
 
 # -----------------------------------------------------------------------------
-# Stage 3: segmentation networks trained on the pseudo masks. Both return per-pixel logits
+# Stage 3: a segmentation network trained on the pseudo masks: per-pixel logits
 # (B, K+1, H, W) at the input size, background first.
 
 class ASPP(nn.Module):

@@ -169,7 +169,7 @@ class SegmentConfig:
     seg_masks: str = field(default="", metadata=_help(
         "folder of pseudo masks <stem>.png, 255 = ignore (empty: RUN/pseudo_train)"))
     seg_init: str = field(default="run", metadata=_help(
-        "run: start from the run's trained backbone; scratch: random initialisation"))
+        "run: start from the teacher's trained ResNet; scratch: random initialisation"))
     seg_epochs: int = field(default=12, metadata=_help("epochs of stage 3"))
     seg_batch_size: int = field(default=16, metadata=_help("images a step in stage 3"))
     seg_lr: float = field(default=5e-4, metadata=_help("AdamW peak learning rate of stage 3"))
