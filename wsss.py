@@ -457,8 +457,8 @@ def teacher_loss(batch: dict, nets: dict) -> dict:
 
 def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
                  images: torch.Tensor, labels: torch.Tensor, config: LossConfig) -> dict:
-    """L = L_cls + lambda * L_align + mu * L_cons for one batch (the paper's Eq. 4 and its
-    consistency regularization). `teacher`: frozen, or None for the student alone."""
+    """L = L_cls + lambda * L_align + mu * L_cons for one batch: the paper's objective with its
+    consistency regularization. `teacher`: frozen, or None for the student alone."""
     logits, maps = student(images)  # (B, K), (B, 1+K, h, w): background channel first
     terms = {"cls": losses.classification_loss(logits, labels)}
     if teacher is not None and config.align_weight > 0:
@@ -613,7 +613,8 @@ def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch
     scores = {}
     for name, (cam, net) in rows.items():
         if net is not None:
-            scores[name] = write_pseudo_masks(dataset, None, cam, config.refine, teacher, net,
+            walker = student if net is teacher else net  # whose attention the coverage fix uses
+            scores[name] = write_pseudo_masks(dataset, None, cam, config.refine, teacher, walker,
                                               device, config.train.amp)
             scores[name]["bce"] = classification_bce(net, dataset, device)
     log(f"pseudo masks of the {split} split ({len(dataset)} images) vs ground truth, one "
@@ -1762,13 +1763,11 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
         for name in sorted(rows, key=lambda n: bool(ABLATION_ROWS[n][1])):  # default runs first
             label, training, read_out = ABLATION_ROWS[name]
             run = ablation_run(root, base, training, seed)
-            config, teacher, student = load_run(run, device)
-            o = argparse.Namespace(**read_out)
-            cam = config_from_args(CamConfig, o, base.cam)
+            _, teacher, student = load_run(run, device)
+            shown = with_overrides(base, read_out)  # the row's CAM and refinement settings
             dataset = SmokeDataset(base.data, split, size=base.model.image_size)
-            refine_config = config_from_args(RefineConfig, o, base.refine)
-            scores = write_pseudo_masks(dataset, None, cam, refine_config, teacher, student,
-                                        device, config.train.amp)
+            scores = write_pseudo_masks(dataset, None, shown.cam, shown.refine, teacher, student,
+                                        device, base.train.amp)
             table.setdefault(label, []).append(scores)
             print(format_scores(f"{label} (seed {seed})", scores), flush=True)
     return {ABLATION_ROWS[n][0]: table[ABLATION_ROWS[n][0]] for n in rows}
