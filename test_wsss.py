@@ -191,7 +191,7 @@ def test_synth_is_deterministic_by_seed(tmp_path):
     b = tiny_synth(tmp_path / "b", seed=3)
     c = tiny_synth(tmp_path / "c", seed=4)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 3 + 3 * 18  # classes/train/val + image/mask/context per scene
+    assert len(files) == 4 + 3 * 18  # classes/synth/train/val + image/mask/context per scene
     for f in files:
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
@@ -215,6 +215,17 @@ def test_synth_labels_masks_and_context_agree(synth_dir):
                 assert (mask == wsss.IGNORE).any()
             else:
                 assert (mask == 0).all()
+
+
+def test_default_data_made_with_other_settings_is_named_not_replaced(tmp_path):
+    old = tiny_synth(tmp_path / "synth", coupling=0.6)  # as an older default would have made
+    before = sorted(p.name for p in (old / "images").iterdir())
+    with pytest.raises(wsss.DataError, match="synth --out .* --force"):
+        wsss.ensure_default_data(old)
+    assert sorted(p.name for p in (old / "images").iterdir()) == before
+    # A folder made with the default settings is used as it is.
+    (old / "synth.json").write_text(wsss.json.dumps(wsss.dataclasses.asdict(wsss.SynthConfig())))
+    assert wsss.ensure_default_data(old) == old
 
 
 def test_synth_coupling_controls_chimneys_in_smoke_free_images(tmp_path):

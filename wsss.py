@@ -1261,11 +1261,12 @@ class SynthConfig:
     n_val: int = field(default=200, metadata=_help("validation images"))
     size: int = field(default=128, metadata=_help("image side in pixels"))
     positive_share: float = field(default=0.5, metadata=_help("share of images with an emission"))
-    coupling: float = field(default=0.6, metadata=_help(
-        "spurious correlation in the training split: the probability that a smoke-free image "
-        "has no chimney (1 = chimneys appear only with smoke)"))
-    val_coupling: float = field(default=0.2, metadata=_help(
-        "the same for the validation split; lower, so that chimney bias shows in the scores"))
+    coupling: float = field(default=0.0, metadata=_help(
+        "the probability that a smoke-free training image has no chimney: 0 = chimneys in every "
+        "frame, as in the paper's fixed cameras (smoke always leaves one); higher values make "
+        "a chimney's presence itself a hint of smoke (1 = chimneys appear only with smoke)"))
+    val_coupling: float = field(default=0.0, metadata=_help(
+        "the same for the validation split"))
     seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same files"))
 
 SMOKE_VISIBLE, SMOKE_FAINT = 32, 10  # colour change (0..255) of a labelled / an ignored pixel
@@ -1396,6 +1397,7 @@ def synthesize(out: Path, config: SynthConfig) -> dict:
     for sub in ("images", "masks", "context"):
         (out / sub).mkdir()
     (out / "classes.txt").write_text("smoke\n")
+    (out / "synth.json").write_text(json.dumps(dataclasses.asdict(config)) + "\n")
     counts = {}
     for split, n, coupling, offset in (("train", config.n_train, config.coupling, 0),
                                        ("val", config.n_val, config.val_coupling, 1)):
@@ -1416,11 +1418,17 @@ def synthesize(out: Path, config: SynthConfig) -> dict:
     return counts
 
 def ensure_default_data(path: Path) -> Path:
-    """The default dataset: generated once with SynthConfig() when missing."""
+    """The default dataset: generated once with SynthConfig() when missing; one generated with
+    other settings (an older default) is named, never replaced without --force."""
     if not (path / "classes.txt").is_file():
         print(f"generating the default synthetic dataset in {path} ...")
         with output_dir(path, force=False) as tmp:
             synthesize(tmp, SynthConfig())
+    made = path / "synth.json"
+    if not made.is_file() or json.loads(made.read_text()) != dataclasses.asdict(SynthConfig()):
+        raise DataError(f"{path}: not the default synthetic dataset (other settings, or an "
+                        f"older default); `python wsss.py synth --out {path} --force` "
+                        f"regenerates it")
     return path
 
 # --- data import: SMOKE5K photographs, tiled --------------------------------------------------
