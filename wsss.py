@@ -2041,7 +2041,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="wsss.py", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("train", help="train teacher and student, write and score pseudo masks")
+    p = sub.add_parser("train", help="train teacher and student, write and score pseudo masks",
+                       usage="%(prog)s [--preset P] [--data DIR] [--out RUN | --resume RUN] "
+                             "[SETTING ...]")
     add_run_settings(p, "cpu")
     p.add_argument("--out", help=f"run folder to write (default: {RUNS}/<date-time>)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN where it stopped, with its "
@@ -2077,6 +2079,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_parsers_of_tools(sub) -> None:
     """ablate, synth, prepare and bench."""
     p = sub.add_parser("ablate", help="the paper's comparisons, mean ± std over seeds",
+                       usage="%(prog)s [--quick] [--rows ROW ...] [--seeds S ...] [SETTING ...]",
                        description=f"Trains each distinct setting once per seed (students for "
                        f"{ABLATION_STUDENT_EPOCHS} epochs unless --quick or --student-epochs), "
                        f"scores every row's pseudo masks, writes OUT/ablation.md and .json.")
