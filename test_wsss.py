@@ -797,6 +797,19 @@ def test_channels_last_training_runs(tmp_path, capsys, synth_dir):
     assert code == 0 and "smoke IoU" in out, err
 
 
+def test_latest_names_the_newest_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(wsss, "RUNS", tmp_path / "runs")
+    with pytest.raises(wsss.DataError, match="no run folder"):
+        wsss.run_path("latest")
+    for name, when in (("old", 1_000), ("new", 2_000), ("no_config", 3_000)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        if name != "no_config":
+            (tmp_path / "runs" / name / "config.json").write_text("{}")
+            os.utime(tmp_path / "runs" / name / "config.json", (when, when))
+    assert wsss.run_path("latest") == tmp_path / "runs" / "new"
+    assert wsss.run_path("runs/old") == Path("runs/old")
+
+
 # -----------------------------------------------------------------------------
 # CAMs to pseudo masks: Grad-CAM, the dense CRF against a brute-force oracle, the coverage fix
 
@@ -1262,3 +1275,4 @@ def test_bench_crf_prints_ours_beside_the_reference(tmp_path, capsys):
     assert out.count("time per image") == 2 and "smoke IoU vs ground truth: before CRF" in out
     code, _, err = run_cli(capsys, "bench", "crf", "--photos", tmp_path / "none")
     assert code == 2 and "no SMOKE5K-style" in err
+
