@@ -1,8 +1,8 @@
 """From class activation maps to pseudo masks, and the masks' scores.
 
 Functions of tensors (images, CAMs, probabilities) and of trained networks, batched, on any
-device:  multiscale_cam -> (coverage_fix) -> normalize_maps -> cams_to_probs -> (dense_crf)
--> probs_to_mask;  Scores counts a mask against the ground truth.
+device:  multiscale_cam -> (coverage_fix) -> [losses.normalize_maps] -> cams_to_probs ->
+(dense_crf) -> probs_to_mask;  Scores counts a mask against the ground truth.
 """
 
 import copy
@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from losses import normalize_maps
 
 IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
 

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -555,13 +554,13 @@ def refine(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,
 
 def pseudo_masks(dataset: "SmokeDataset", cam: CamConfig, refine_config: RefineConfig,
                  teacher, student, device: torch.device, amp: str = "off"):
-    """Yield (batch, CAMs (B,K,H,W), masks (B,H,W) uint8) for every image of the split (under
-    torchrun, for this process's share)."""
+    """Yield (batch, masks (B,H,W) uint8) for every image of the split (under torchrun, for
+    this process's share)."""
     rank, size = world()
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), size))
     for batch in torch.utils.data.DataLoader(share, batch_size=cam.cam_batch_size):
         cams = batch_cams(batch, cam, refine_config, teacher, student, device, amp)
-        yield batch, cams.cpu(), refine(batch["rgb"], cams, cam, refine_config).cpu()
+        yield batch, refine(batch["rgb"], cams, cam, refine_config).cpu()
 
 # --- scores ----------------------------------------------------------------------------------
 
@@ -606,17 +605,18 @@ def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch
     dataset = SmokeDataset(config.data, split, size=config.model.image_size)
     if not dataset.has_masks:
         return
-    rows = {"teacher CAM (ResNet)": (dataclasses.replace(config.cam, cam_network="teacher"),
-                                     teacher),
-            "student alone (ViT)": (config.cam, alone),
-            "aligned student (ViT)": (config.cam, student)}
+    # name -> (CAM settings, the network whose labels are scored, the student the CAM path
+    # gets: its map, or for the teacher's CAM the attention the coverage fix walks)
+    teacher_cam = dataclasses.replace(config.cam, cam_network="teacher")
+    rows = {"teacher CAM (ResNet)": (teacher_cam, teacher, student),
+            "student alone (ViT)": (config.cam, alone, alone),
+            "aligned student (ViT)": (config.cam, student, student)}
     scores = {}
-    for name, (cam, net) in rows.items():
-        if net is not None:
-            walker = student if net is teacher else net  # whose attention the coverage fix uses
-            scores[name] = write_pseudo_masks(dataset, None, cam, config.refine, teacher, walker,
-                                              device, config.train.amp)
-            scores[name]["bce"] = classification_bce(net, dataset, device)
+    for name, (cam, classifier, cam_student) in rows.items():
+        if classifier is not None:
+            scores[name] = write_pseudo_masks(dataset, None, cam, config.refine, teacher,
+                                              cam_student, device, config.train.amp)
+            scores[name]["bce"] = classification_bce(classifier, dataset, device)
     log(f"pseudo masks of the {split} split ({len(dataset)} images) vs ground truth, one "
         f"read-out for all (threshold {config.cam.threshold}, scales "
         f"{list(config.cam.cam_scales)}; students' map: {config.cam.cam_method}):")
@@ -794,7 +794,8 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
     nets = []
     for name, build in (("teacher", build_teacher), ("student", build_student)):
         net = build(config.model.without_weights(), num_classes)
-        restore(net, load_checkpoint(checkpoint_path(run, name)), run / f"{name}.pt")
+        path = checkpoint_path(run, name)
+        restore(net, load_checkpoint(path), path)
         nets.append(freeze(net.to(device)))
     return config, nets[0], nets[1]
 
@@ -1219,7 +1220,7 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig
     grid, and the masks' scores when the dataset has ground truth."""
     scores = postprocess.Scores(len(dataset.classes)) if dataset.has_masks else None
     shown_rgb, shown_mask = [], []
-    for batch, _, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
+    for batch, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
                                         amp):
         for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
             if out is not None:
@@ -1677,9 +1678,10 @@ def read_batch(files: list[Path], size: int) -> tuple[list, dict, list[str]]:
         except DataError as e:
             print(f"skipped {e}", flush=True)
             skipped.append(str(path))
-    rgb = torch.stack([v2.functional.resize(r, [size, size], antialias=True) for _, r in loaded]
-                      ) if loaded else None
-    return loaded, {"image": network_input(rgb), "rgb": rgb} if loaded else {}, skipped
+    if not loaded:
+        return [], {}, skipped
+    rgb = torch.stack([v2.functional.resize(r, [size, size], antialias=True) for _, r in loaded])
+    return loaded, {"image": network_input(rgb), "rgb": rgb}, skipped
 
 def predict(run: Path, files: list[Path], out: Path, device: torch.device,
             batch_size: int) -> dict:
@@ -1766,14 +1768,17 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
     """Pseudo-mask scores on `split` (label -> one result per seed) of every row; each
     distinct training setting is trained once per seed."""
     device = pick_device(base.train.device)
+    dataset = SmokeDataset(base.data, split, size=base.model.image_size)
     table = {}
     for seed in seeds:
+        loaded = {}  # run -> (teacher, student): rows that differ only in read-out share a run
         for name in sorted(rows, key=lambda n: bool(ABLATION_ROWS[n][1])):  # default runs first
             label, training, read_out = ABLATION_ROWS[name]
             run = ablation_run(root, base, training, seed)
-            _, teacher, student = load_run(run, device)
+            if run not in loaded:
+                loaded[run] = load_run(run, device)[1:]
+            teacher, student = loaded[run]
             shown = with_overrides(base, read_out)  # the row's CAM and refinement settings
-            dataset = SmokeDataset(base.data, split, size=base.model.image_size)
             scores = write_pseudo_masks(dataset, None, shown.cam, shown.refine, teacher, student,
                                         device, base.train.amp)
             table.setdefault(label, []).append(scores)
@@ -1994,8 +1999,8 @@ def config_from_flags(args: argparse.Namespace) -> RunConfig:
 
 def given_flags(args: argparse.Namespace) -> list[str]:
     """The setting flags the user gave on the command line, as --names."""
-    return ["--" + f.name.replace("_", "-") for cls in CONFIGS.values()
-            for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None]
+    return ["--" + name.replace("_", "-") for name in FIELDS
+            if getattr(args, name, None) is not None]
 
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1 (the parser names the flag when it is not)."""
