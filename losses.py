@@ -11,7 +11,7 @@
 import torch
 import torch.nn.functional as F
 
-ALIGN_KINDS = ("cosine", "l1", "l2")
+ALIGN_KINDS = ("cosine", "l1", "l2", "norm-l1")
 ALIGN_REDUCES = ("global", "channel", "spatial")
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,12 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
         reduce="channel": one vector a (image, channel), its h*w map;
         reduce="spatial": one vector a (image, location), its C channel values.
       l1: L = mean |S - T|;  l2: L = mean (S - T)^2  (over all elements; reduce must be
-        "global", the only reduction the paper uses with them).
+        "global", the only reduction the paper uses with them);
+      norm-l1: L = mean |n(S) - T|, n(S) = ReLU(S) / (max ReLU(S) + 1): the student's map is
+        read out normalised, so its shape is asked for, not its scale (a CAM classifier's
+        scale is its logit). The + 1 bounds the gradient of a near-zero map (with 1e-5 it
+        grows as 1 / max and a student collapsed to an empty map); trained maps peak far
+        above 1. For the normalised "pair" target.
     """
     if kind not in ALIGN_KINDS:
         raise ValueError(f"kind must be one of {ALIGN_KINDS}, got {kind!r}")
@@ -42,9 +47,11 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
     s = student_map.float()
     t = F.interpolate(teacher_map.detach().float(), size=s.shape[-2:], mode="bilinear",
                       align_corners=False)
-    if kind == "l1" or kind == "l2":
+    if kind != "cosine":
         if reduce != "global":
             raise ValueError(f"{kind} alignment supports reduce='global' only")
+        if kind == "norm-l1":  # eps = 1: a near-zero map's gradient stays bounded (see above)
+            return F.l1_loss(normalize_maps(s, eps=1.0), t)
         return F.l1_loss(s, t) if kind == "l1" else F.mse_loss(s, t)
     B, C = s.shape[:2]
     if reduce == "global":
@@ -82,12 +89,13 @@ def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return x.flip(-1) if flip else x
 
-def normalize_maps(maps: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """ReLU, then divide each (image, class) map by its maximum: (B,C,h,w) -> values in [0, 1].
+def normalize_maps(maps: torch.Tensor, labels: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """ReLU, then divide each (image, class) map by its maximum (+ eps): (B,C,h,w) -> [0, 1].
     With labels (B, C) multi-hot, the maps of classes an image lacks are zeroed (label gating:
     the image label is known for training images, as in every WSSS pipeline)."""
     maps = F.relu(maps.float())
-    maps = maps / (maps.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    maps = maps / (maps.amax(dim=(2, 3), keepdim=True) + eps)
     return maps if labels is None else maps * labels[:, :, None, None].to(maps)
 
 def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Tensor

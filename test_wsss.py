@@ -605,6 +605,14 @@ def test_l1_l2_alignment_values_and_teacher_resizing():
     assert losses.alignment_loss(s, t, "l2") == 4.0
     with pytest.raises(ValueError, match="global"):
         losses.alignment_loss(s, t, "l1", "channel")
+    # norm-l1: the student's map after ReLU and division by (its max + 1): scale-free for
+    # maps that peak well above 1, bounded near zero.
+    target = torch.tensor([[[[0.0, 0.5], [1.0, 0.0]]]])
+    assert losses.alignment_loss(1000 * target, target, "norm-l1") < 1e-3
+    assert abs(losses.alignment_loss(torch.ones(1, 1, 2, 2), target, "norm-l1") - 0.375) < 1e-6
+    s = torch.full((1, 1, 2, 2), 1e-4, requires_grad=True)  # a near-empty map
+    losses.alignment_loss(s, target, "norm-l1").backward()
+    assert s.grad.abs().max() < 1
     with pytest.raises(ValueError, match="kind"):
         losses.alignment_loss(s, t, "kl")
 
@@ -1158,6 +1166,14 @@ def test_bad_train_settings_stop_before_any_folder(flag, value, tmp_path, synth_
     if e is not None:  # the parser's choices: argparse exits 2 with one line
         code, err = e.value.code, capsys.readouterr().err
     assert code == 2 and one_line_error(err, flag.split("-")[-1]), err
+    assert not run.exists()
+
+
+def test_normalised_l1_alignment_needs_the_pair_target(tmp_path, synth_dir, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run,
+                           "--align-kind", "norm-l1", "--align-target", "raw")
+    assert code == 2 and one_line_error(err, "pair"), err
     assert not run.exists()
 
 

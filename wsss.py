@@ -115,7 +115,9 @@ class TrainConfig:
 class LossConfig:
     align_weight: float = field(default=1.0, metadata=_help(
         "lambda, the weight of L_align (0 = the student alone)"))
-    align_kind: str = field(default="cosine", metadata=_help("distance of L_align"))
+    align_kind: str = field(default="cosine", metadata=_help(
+        "distance of L_align: cosine (the paper), l1, l2, or norm-l1 (L1 to the student's "
+        "max-normalised map: its shape, not its scale; for the pair target)"))
     align_reduce: str = field(default="global", metadata=_help(
         "cosine over the whole map, each channel's map, or each location's channels"))
     align_target: str = field(default="pair", metadata=_help(
@@ -727,6 +729,9 @@ def check_run_config(config: RunConfig) -> None:
     if m.student_stem == "conv" and m.patch_size & (m.patch_size - 1):
         raise DataError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
                         f"(or --student-stem patch)")
+    if config.loss.align_kind == "norm-l1" and config.loss.align_target == "raw":
+        raise DataError("--align-kind norm-l1 compares normalised maps: it needs --align-target "
+                        "pair (or --align-kind cosine)")
     autocast_dtype(config.train.amp, pick_device(config.train.device))  # fp16 needs CUDA
 
 def describe(config: RunConfig) -> str:
@@ -1719,6 +1724,7 @@ ABLATION_ROWS = {
     "aligned": ("aligned student, cosine global (the method)", {}, {}),
     "channel": ("aligned student, cosine channel", {"align_reduce": "channel"}, {}),
     "spatial": ("aligned student, cosine spatial", {"align_reduce": "spatial"}, {}),
+    "norm-l1": ("aligned student, normalised L1", {"align_kind": "norm-l1"}, {}),
     "l1": ("aligned student, L1 global", {"align_kind": "l1"}, {}),
     "l2": ("aligned student, L2 global", {"align_kind": "l2"}, {}),
     "lambda0.3": ("λ = 0.3", {"align_weight": 0.3}, {}),
