@@ -117,7 +117,7 @@ class LossConfig:
         "lambda, the weight of L_align (0 = the student alone)"))
     align_kind: str = field(default="cosine", metadata=_help(
         "distance of L_align: cosine (the paper), l1, l2, or norm-l1 (L1 to the student's "
-        "max-normalised map: its shape, not its scale; for the pair target)"))
+        "map over its max + 1: its shape, not its scale; for the pair target)"))
     align_reduce: str = field(default="global", metadata=_help(
         "cosine over the whole map, each channel's map, or each location's channels"))
     align_target: str = field(default="pair", metadata=_help(
