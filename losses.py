@@ -36,9 +36,9 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
         "global", the only reduction the paper uses with them);
       norm-l1: L = mean |n(S) - T|, n(S) = ReLU(S) / (max ReLU(S) + 1): the student's map is
         read out normalised, so its shape is asked for, not its scale (a CAM classifier's
-        scale is its logit). The + 1 bounds the gradient of a near-zero map (with 1e-5 it
-        grows as 1 / max and a student collapsed to an empty map); trained maps peak far
-        above 1. For the normalised "pair" target.
+        scale is its logit). The + 1 bounds the gradient of a near-zero map (with a tiny eps
+        it grows as 1 / max and can drive the map to empty); trained maps peak far above 1.
+        For the normalised "pair" target.
     """
     if kind not in ALIGN_KINDS:
         raise ValueError(f"kind must be one of {ALIGN_KINDS}, got {kind!r}")
@@ -50,7 +50,7 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
     if kind != "cosine":
         if reduce != "global":
             raise ValueError(f"{kind} alignment supports reduce='global' only")
-        if kind == "norm-l1":  # eps = 1: a near-zero map's gradient stays bounded (see above)
+        if kind == "norm-l1":
             return F.l1_loss(normalize_maps(s, eps=1.0), t)
         return F.l1_loss(s, t) if kind == "l1" else F.mse_loss(s, t)
     B, C = s.shape[:2]

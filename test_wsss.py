@@ -1291,4 +1291,3 @@ def test_bench_crf_prints_ours_beside_the_reference(tmp_path, capsys):
     assert out.count("time per image") == 2 and "smoke IoU vs ground truth: before CRF" in out
     code, _, err = run_cli(capsys, "bench", "crf", "--photos", tmp_path / "none")
     assert code == 2 and "no SMOKE5K-style" in err
-

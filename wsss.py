@@ -1226,7 +1226,7 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig
     scores = postprocess.Scores(len(dataset.classes)) if dataset.has_masks else None
     shown_rgb, shown_mask = [], []
     for batch, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
-                                        amp):
+                                     amp):
         for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
             if out is not None:
                 size = tuple(batch["size"][i].tolist())
