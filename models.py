@@ -373,6 +373,17 @@ class PixelCorrelation(nn.Module):
         aff = aff / (aff.sum(dim=1, keepdim=True) + 1e-5)  # each column sums to one
         return (cam.flatten(2) @ aff).reshape(B, K, h, w)  # (B,K,hw) @ (B,hw,hw) -> (B,K,h,w)
 
+def pool_maps(maps: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+    """Class maps (B, K, h, w) -> logits (B, K): the mean of each map's top `share` of
+    locations; share = 1 is global average pooling (the CAM of Zhou et al. 2016). A smaller
+    share scores an image by its strongest region, so a small object need not light the
+    whole map (top-k pooling, as in WILDCAT, Durand et al. 2017)."""
+    flat = maps.flatten(2)  # (B, K, h, w) -> (B, K, hw)
+    if share >= 1:
+        return flat.mean(dim=-1)
+    k = max(1, round(share * flat.shape[-1]))
+    return flat.topk(k, dim=-1).values.mean(dim=-1)
+
 class Teacher(nn.Module):
     """ResNet + 1x1 classifier: the class maps are the CAMs themselves (Zhou et al. 2016).
 
@@ -380,9 +391,11 @@ class Teacher(nn.Module):
     maps, so the class score is the mean of what the map shows.
     """
 
-    def __init__(self, backbone: ResNet, num_classes: int, pcm: bool = False):
+    def __init__(self, backbone: ResNet, num_classes: int, pcm: bool = False,
+                 pool: float = 1.0):
         super().__init__()
         self.backbone = backbone
+        self.pool = pool
         self.classifier = nn.Conv2d(backbone.num_features, num_classes, 1, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.01)
         self.pcm = None
@@ -396,8 +409,7 @@ class Teacher(nn.Module):
         maps = self.classifier(stages[-1])  # (B,C,h,w) -> (B,K,h,w)
         if self.pcm is not None:
             maps = maps + self.pcm(maps, x, stages[2:])
-        logits = maps.mean(dim=(2, 3))
-        return logits, maps
+        return pool_maps(maps, self.pool), maps
 
 class Student(nn.Module):
     """ViT + a 1x1 projection of the patch tokens to (background, class 1..K) maps, the map
@@ -409,8 +421,10 @@ class Student(nn.Module):
       the teacher; then the map the alignment shapes is the map that becomes the mask.
     """
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token"):
+    def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token",
+                 pool: float = 1.0):
         super().__init__()
+        self.pool = pool
         if head not in ("token", "cam"):
             raise ValueError(f"head must be 'token' or 'cam', got {head!r}")
         self.backbone = backbone
@@ -425,7 +439,7 @@ class Student(nn.Module):
         """Normed tokens (B, 1+N, D) -> logits (B, K), maps (B, 1+K, h, w)."""
         maps = self.proj(self.tokens_to_map(tokens, h, w))
         if self.head == "cam":
-            return maps[:, 1:].mean(dim=(2, 3)), maps
+            return pool_maps(maps[:, 1:], self.pool), maps
         return self.backbone.forward_head(tokens), maps
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

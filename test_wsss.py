@@ -529,6 +529,18 @@ def test_weights_from_local_files_in_every_wrapper(tmp_path, capsys):
                        tv_vit.encoder.layers[0].self_attention.in_proj_weight)
 
 
+def test_pool_maps_is_the_mean_of_the_strongest_locations():
+    maps = torch.randn(2, 3, 5, 4)
+    assert torch.allclose(models.pool_maps(maps, 1.0), maps.mean(dim=(2, 3)))
+    brute = torch.tensor([[sorted(m.flatten().tolist())[-4:] for m in image] for image in maps])
+    assert torch.allclose(models.pool_maps(maps, 0.2), brute.mean(-1))  # 0.2 * 20 = 4 places
+    assert torch.allclose(models.pool_maps(maps, 1e-3), maps.amax(dim=(2, 3)))  # at least one
+    teacher = models.Teacher(models.resnet18(output_stride=8, width=8, num_classes=0), 1,
+                             pool=0.25)
+    logits, cams = teacher(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(logits, models.pool_maps(cams, 0.25))
+
+
 def test_bad_weights_files(tmp_path):
     net = models.resnet18(num_classes=0)
     with pytest.raises(wsss.DataError, match="not found"):

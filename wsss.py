@@ -77,6 +77,9 @@ class ModelConfig:
     student_head: str = field(default="cam", metadata=_help(
         "student classifier: token (class-token head, the paper) or cam (the mean of its "
         "projected map, so that the aligned map is the one read out)"))
+    pool: float = field(default=1.0, metadata=_help(
+        "CAM classifiers score a class by the mean of this share of its map's strongest "
+        "locations (1 = global average pooling, the paper)"))
     patch_size: int = field(default=8, metadata=_help("student patch size in pixels"))
     image_size: int = field(default=128, metadata=_help("training image side in pixels"))
     teacher_weights: str = field(default="", metadata=_help(
@@ -426,7 +429,7 @@ def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
                                                width=config.teacher_width)
     if config.teacher_weights:
         load_weights(backbone, Path(config.teacher_weights), "teacher")
-    return models.Teacher(backbone, num_classes, pcm=config.pcm)
+    return models.Teacher(backbone, num_classes, pcm=config.pcm, pool=config.pool)
 
 def build_student(config: ModelConfig, num_classes: int) -> models.Student:
     """A ViT whose patch tokens, projected, give a (background, class 1..K) map."""
@@ -437,7 +440,7 @@ def build_student(config: ModelConfig, num_classes: int) -> models.Student:
         num_classes=head_classes, stem=config.student_stem)
     if config.student_weights:
         load_weights(backbone, Path(config.student_weights), "student")
-    return models.Student(backbone, num_classes, head=config.student_head)
+    return models.Student(backbone, num_classes, head=config.student_head, pool=config.pool)
 
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
     """Eval mode (BatchNorm statistics fixed) and no gradients: the frozen teacher, or any
@@ -675,7 +678,8 @@ SHARE, PIXELS = (0, 1, False), (16, None, False)
 RANGES = {
     "n_train": AT_LEAST_ONE, "n_val": NON_NEGATIVE, "size": PIXELS, "positive_share": SHARE,
     "coupling": SHARE, "val_coupling": SHARE, "tile": PIXELS, "min_share": SHARE,
-    "val_share": SHARE, "teacher_width": AT_LEAST_ONE, "student_depth": AT_LEAST_ONE,
+    "val_share": SHARE, "teacher_width": AT_LEAST_ONE, "pool": (0, 1, True),
+    "student_depth": AT_LEAST_ONE,
     "patch_size": AT_LEAST_ONE, "image_size": PIXELS, "teacher_epochs": AT_LEAST_ONE,
     "student_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE,
     "weight_decay": NON_NEGATIVE, "crop": (0, 1, True), "workers": NON_NEGATIVE,
