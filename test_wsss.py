@@ -730,7 +730,8 @@ def test_sigkill_then_resume_loses_at_most_one_epoch(tmp_path, capsys, synth_dir
     args = [str(a) for a in (*TINY, "--teacher-epochs", 4, "--student-epochs", 4)]
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert run_cli(capsys, "train", "--data", synth_dir, "--out", full, *args)[0] == 0
-    command = [sys.executable, "wsss.py", "train", "--data", str(synth_dir), "--out", str(cut), *args]
+    command = [sys.executable, "wsss.py", "train", "--data", str(synth_dir), "--out", str(cut),
+               *args]
     process = subprocess.Popen(command, cwd=Path(wsss.__file__).parent,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
