@@ -30,10 +30,12 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
     S: (B, C, h, w); T: (B, C, H, W). With v(.) the vectors compared:
       cosine: L = mean over vectors of 1 - <v(S), v(T)> / (|v(S)| |v(T)|)  in [0, 2];
         reduce="global":  one vector a image, the flattened C*h*w map (the paper's best);
-        reduce="channel": one vector a (image, channel), its h*w map;
+        reduce="channel": one vector a (image, channel), its h*w map, so a small object's
+          channel weighs as much as the background's (an all-zero target channel, a class
+          the image lacks, adds a constant 1 and no gradient);
         reduce="spatial": one vector a (image, location), its C channel values.
-      l1: L = mean |S - T|;  l2: L = mean (S - T)^2  (over all elements; reduce must be
-        "global", the only reduction the paper uses with them);
+      l1: L = mean |S - T|;  l2: L = mean (S - T)^2  (over all elements: every reduction
+        of an element-wise distance gives this same mean);
       norm-l1: L = mean |n(S) - T|, n(S) = ReLU(S) / (max ReLU(S) + 1): the student's map is
         read out normalised, so its shape is asked for, not its scale (a CAM classifier's
         scale is its logit). The + 1 bounds the gradient of a near-zero map (with a tiny eps
@@ -48,8 +50,6 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
     t = F.interpolate(teacher_map.detach().float(), size=s.shape[-2:], mode="bilinear",
                       align_corners=False)
     if kind != "cosine":
-        if reduce != "global":
-            raise ValueError(f"{kind} alignment supports reduce='global' only")
         if kind == "norm-l1":
             return F.l1_loss(normalize_maps(s, eps=1.0), t)
         return F.l1_loss(s, t) if kind == "l1" else F.mse_loss(s, t)
