@@ -387,8 +387,8 @@ def pool_maps(maps: torch.Tensor, share: float = 1.0) -> torch.Tensor:
 class Teacher(nn.Module):
     """ResNet + 1x1 classifier: the class maps are the CAMs themselves (Zhou et al. 2016).
 
-    maps = cam (+ PCM(cam) with `pcm`), (B, K, H/os, W/os); logits = global average of the
-    maps, so the class score is the mean of what the map shows.
+    maps = cam (+ PCM(cam) with `pcm`), (B, K, H/os, W/os); logits = pool_maps(maps, pool),
+    so the class score is the mean of what the map shows (over its strongest `pool` share).
     """
 
     def __init__(self, backbone: ResNet, num_classes: int, pcm: bool = False,
@@ -417,16 +417,16 @@ class Student(nn.Module):
 
     head="token": the ViT's own class-token head (the paper; timm checkpoints load into
       `student.backbone` with it);
-    head="cam": logits = the spatial mean of the projected class maps, a CAM classifier, as
-      the teacher; then the map the alignment shapes is the map that becomes the mask.
+    head="cam": logits = pool_maps(projected class maps, pool), a CAM classifier, as the
+      teacher; then the map the alignment shapes is the map that becomes the mask.
     """
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token",
                  pool: float = 1.0):
         super().__init__()
-        self.pool = pool
         if head not in ("token", "cam"):
             raise ValueError(f"head must be 'token' or 'cam', got {head!r}")
+        self.pool = pool
         self.backbone = backbone
         self.head = head
         self.proj = nn.Conv2d(backbone.embed_dim, 1 + num_classes, 1)

@@ -75,8 +75,8 @@ class ModelConfig:
     student_stem: str = field(default="conv", metadata=_help(
         "student tokenizer: patch (linear patchify, the paper) or conv (stride-2 3x3 convs)"))
     student_head: str = field(default="cam", metadata=_help(
-        "student classifier: token (class-token head, the paper) or cam (the mean of its "
-        "projected map, so that the aligned map is the one read out)"))
+        "student classifier: token (class-token head, the paper) or cam (its projected map, "
+        "pooled as the teacher's CAM, so that the aligned map is the one read out)"))
     pool: float = field(default=0.03, metadata=_help(
         "CAM classifiers score a class by the mean of this share of its map's strongest "
         "locations (1 = global average pooling, the paper; 0.03 was picked on the synthetic "
