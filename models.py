@@ -5,14 +5,15 @@
 - ViT (Dosovitskiy et al. 2021) with timm's parameter names, so DeiT, DINO and AugReg weights
   load one-to-one; hand-written attention that can return its maps.
 - Teacher = ResNet + 1x1 classifier (+ SEAM's pixel correlation module); Student = ViT + 1x1
-  projection of the patch tokens + a classifier (its class token, or the mean of the map).
+  projection of the patch tokens + a classifier (its class token, or its pooled map).
   Both return (logits, maps); the student also gives its Grad-CAM.
 - Stage 3: DeepLab (ResNet + ASPP), per-pixel logits for training on pseudo masks.
 
-Networks only: tensors in, tensors out; no files, no argv.
+Networks only: tensors in, tensors out, and weights from a file the caller names; no argv.
 """
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -517,7 +518,23 @@ class DeepLab(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 # -----------------------------------------------------------------------------
-# Loading pretrained weights (the file is read by the caller; this matches names and shapes)
+# Loading pretrained weights from a local file: names and shapes matched
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a torchvision, timm, DeiT or DINO file: bare, or wrapped in
+    {"model": ...} / {"state_dict": ...}; DDP's "module." prefixes are removed and torchvision
+    ViT names are converted to ours. ValueError when the file holds none."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: unpickling errors of many kinds
+        raise ValueError(f"cannot read weights ({e.__class__.__name__}: {e})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError("not a state dict (a mapping of names to tensors)")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return vit_state_dict_from_torchvision(obj) if "conv_proj.weight" in obj else obj
 
 def load_pretrained(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list]:
     """Load `state_dict` into `module`, dropping entries whose shape differs (a classification

@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2.functional import resize
+from torchvision.utils import draw_segmentation_masks, make_grid
 
 
 IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
@@ -430,6 +432,40 @@ class Scores:
             "context_fp": (100 * self.context_called_fg / self.context_pixels
                            if self.context_pixels else float("nan")),
         }
+
+def format_scores(name: str, r: dict) -> str:
+    """One line of a Scores.result(); a figure without pixels to count is n/a."""
+    def f(key: str) -> str:
+        return "n/a" if math.isnan(r[key]) else f"{r[key]:.1f}"
+    return (f"{name}: smoke IoU {f('smoke_iou')}  mIoU {f('miou')}  "
+            f"precision {f('precision')}  recall {f('recall')}  "
+            f"boundary F1 {f('boundary_f1')}  per-image IoU {f('image_iou')}  "
+            f"chimney called smoke {f('context_fp')} %"
+            + (f"  BCE {r['bce']:.3f}" if "bce" in r else ""))
+
+# -----------------------------------------------------------------------------
+# Masks a person can look at: (3, H, W) uint8 pictures
+
+def paint(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The photo (3,H,W) uint8 with its class mask (H,W) over it: red, yellow, blue, ..."""
+    colors = ["red", "yellow", "blue", "lime", "cyan", "magenta"]
+    masks = torch.stack([mask == k for k in range(1, num_classes + 1)])  # (K, H, W) bool
+    return draw_segmentation_masks(rgb, masks, alpha=0.55,
+                                   colors=(colors * num_classes)[:num_classes])
+
+def mask_grid(rgbs: list[torch.Tensor], masks: list[torch.Tensor], num_classes: int
+              ) -> torch.Tensor:
+    """Photos beside their painted masks, four pairs a row."""
+    tiles = [t for rgb, mask in zip(rgbs, masks) for t in (rgb, paint(rgb, mask, num_classes))]
+    return make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
+
+def overlay(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int, side: int = 768
+            ) -> torch.Tensor:
+    """The photo with its mask painted over it, at most `side` pixels on its long side."""
+    scale = min(1.0, side / max(mask.shape))
+    size = [max(1, round(n * scale)) for n in mask.shape]
+    rgb = resize(rgb, size, antialias=True)
+    return paint(rgb, resize_mask(mask, tuple(size)), num_classes)
 
 # -----------------------------------------------------------------------------
 # The dense CRF's benchmark: ours against pydensecrf, side by side in one run

@@ -976,7 +976,7 @@ def test_scores_on_hand_made_masks():
 def test_scores_without_context_print_n_a():
     r = postprocess.Scores(1)
     r.add(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4, 4, dtype=torch.long))
-    assert "chimney called smoke n/a %" in wsss.format_scores("x", r.result())
+    assert "chimney called smoke n/a %" in postprocess.format_scores("x", r.result())
 
 
 def test_pseudo_and_eval_agree_at_the_truths_resolution(tiny_run, synth_dir, tmp_path, capsys):

@@ -59,34 +59,42 @@ class DataError(Exception):
 # The method, in the paper's order: settings -> data -> teacher -> student -> CAM -> mask
 # =============================================================================================
 
-def _help(text: str) -> dict:
-    return {"help": text}  # a field's metadata: the help of its --flag
+def setting(default, help: str, *, choices: tuple = (), at_least: float | None = None,
+            above: float | None = None, at_most: float | None = None):
+    """A config field: its default, the help of its --flag, and the values it allows (checked
+    for flags and for a run's config.json alike, by check_settings)."""
+    allows = dict(choices=choices, at_least=at_least, above=above, at_most=at_most)
+    return field(default=default, metadata={"help": help, **allows})
+
+SHARE = dict(at_least=0, at_most=1)  # a share in [0, 1]
 
 @dataclass
 class ModelConfig:
-    teacher: str = field(default="resnet18", metadata=_help("teacher ResNet"))
-    teacher_width: int = field(default=32, metadata=_help(
-        "channels of the teacher's first stage (64 = the standard ResNet)"))
-    output_stride: int = field(default=8, metadata=_help("teacher output stride"))
-    pcm: bool = field(default=False, metadata=_help(
-        "refine the teacher's CAM with SEAM's pixel correlation module (PCM)"))
-    student: str = field(default="vit_tiny", metadata=_help("student ViT"))
-    student_depth: int = field(default=6, metadata=_help("transformer blocks of the student"))
-    student_stem: str = field(default="conv", metadata=_help(
-        "student tokenizer: patch (linear patchify, the paper) or conv (stride-2 3x3 convs)"))
-    student_head: str = field(default="cam", metadata=_help(
-        "student classifier: token (class-token head, the paper) or cam (its projected map, "
-        "pooled as the teacher's CAM, so that the aligned map is the one read out)"))
-    pool: float = field(default=0.03, metadata=_help(
-        "CAM classifiers score a class by the mean of this share of its map's strongest "
+    teacher: str = setting("resnet18", "teacher ResNet",
+                           choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    teacher_width: int = setting(32, "channels of the teacher's first stage (64 = the standard "
+                                 "ResNet)", at_least=1)
+    output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
+    pcm: bool = setting(False, "refine the teacher's CAM with SEAM's pixel correlation module "
+                        "(PCM: each location's CAM re-weighted by its feature affinities)")
+    student: str = setting("vit_tiny", "student ViT", choices=("vit_tiny", "vit_small", "vit_base"))
+    student_depth: int = setting(6, "transformer blocks of the student", at_least=1)
+    student_stem: str = setting("conv", "student tokenizer: patch (linear patchify, the paper) or "
+                                "conv (stride-2 3x3 convs)", choices=("patch", "conv"))
+    student_head: str = setting(
+        "cam", "student classifier: token (class-token head, the paper) or cam (its projected "
+        "map, pooled as the teacher's CAM, so that the aligned map is the one read out)",
+        choices=("token", "cam"))
+    pool: float = setting(
+        0.03, "CAM classifiers score a class by the mean of this share of its map's strongest "
         "locations (1 = global average pooling, the paper; 0.03 was picked on the synthetic "
-        "validation split)"))
-    patch_size: int = field(default=8, metadata=_help("student patch size in pixels"))
-    image_size: int = field(default=128, metadata=_help("training image side in pixels"))
-    teacher_weights: str = field(default="", metadata=_help(
-        "local file of pretrained teacher weights (torchvision names)"))
-    student_weights: str = field(default="", metadata=_help(
-        "local file of pretrained student weights (timm or torchvision names)"))
+        "validation split)", above=0, at_most=1)
+    patch_size: int = setting(8, "student patch size in pixels", at_least=1)
+    image_size: int = setting(128, "training image side in pixels", at_least=16)
+    teacher_weights: str = setting("", "local file of pretrained teacher weights (torchvision "
+                                   "names)")
+    student_weights: str = setting("", "local file of pretrained student weights (timm or "
+                                   "torchvision names)")
 
     def without_weights(self) -> "ModelConfig":
         """The same networks without weight files: for networks a checkpoint fills."""
@@ -94,90 +102,91 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    teacher_epochs: int = field(default=8, metadata=_help("epochs of stage 1, the teacher"))
-    student_epochs: int = field(default=8, metadata=_help("epochs of stage 2, the student"))
-    batch_size: int = field(default=16, metadata=_help("images a step"))
-    lr: float = field(default=5e-4, metadata=_help(
-        "AdamW peak learning rate: warm-up over the first epoch, then cosine decay"))
-    weight_decay: float = field(default=0.05, metadata=_help("AdamW weight decay"))
-    flip: bool = field(default=True, metadata=_help("random horizontal flips (the paper: none)"))
-    crop: float = field(default=0.7, metadata=_help(
-        "random resized crops keep at least this share of the image (1 = none, the paper)"))
-    baseline: bool = field(default=True, metadata=_help(
-        "also train the student alone (lambda = 0), scored beside the aligned student"))
-    seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
-    amp: str = field(default="auto", metadata=_help(
-        "mixed precision; auto: bf16 where the device runs it fast"))
-    device: str = field(default="auto", metadata=_help("auto: cuda, then mps, then cpu"))
-    workers: int = field(default=0, metadata=_help("data loader worker processes"))
-    channels_last: bool = field(default=False, metadata=_help(
-        "channels-last images and ResNets: faster convolutions on CUDA"))
-    compile: bool = field(default=False, metadata=_help("torch.compile the trained networks"))
-    log_every: int = field(default=20, metadata=_help("steps between progress lines"))
+    teacher_epochs: int = setting(8, "epochs of stage 1, the teacher", at_least=1)
+    student_epochs: int = setting(8, "epochs of stage 2, the student", at_least=1)
+    batch_size: int = setting(16, "images a step", at_least=1)
+    lr: float = setting(5e-4, "AdamW peak learning rate: warm-up over the first epoch, then "
+                        "cosine decay", above=0)
+    weight_decay: float = setting(0.05, "AdamW weight decay", at_least=0)
+    flip: bool = setting(True, "random horizontal flips (the paper: none)")
+    crop: float = setting(0.7, "random resized crops keep at least this share of the image "
+                          "(1 = none, the paper)", above=0, at_most=1)
+    baseline: bool = setting(True, "also train the student alone (lambda = 0), scored beside "
+                             "the aligned student")
+    seed: int = setting(0, "seed of initialisation and data order")
+    amp: str = setting("auto", "mixed precision; auto: bf16 where the device runs it fast",
+                       choices=("auto", "bf16", "fp16", "off"))
+    device: str = setting("auto", "auto: cuda, then mps, then cpu",
+                          choices=("auto", "cpu", "cuda", "mps"))
+    workers: int = setting(0, "data loader worker processes", at_least=0)
+    channels_last: bool = setting(False, "channels-last images and ResNets: faster "
+                                  "convolutions on CUDA")
+    compile: bool = setting(False, "torch.compile the trained networks")
+    log_every: int = setting(20, "steps between progress lines", at_least=1)
 
 @dataclass
 class LossConfig:
-    align_weight: float = field(default=1.0, metadata=_help(
-        "lambda, the weight of L_align (0 = the student alone)"))
-    align_kind: str = field(default="cosine", metadata=_help(
-        "distance of L_align: cosine (the paper), l1, l2, or norm-l1 (L1 to the student's "
-        "map over its max + 1: its shape, not its scale; for the pair target)"))
-    align_reduce: str = field(default="channel", metadata=_help(
-        "cosine over the whole map (the paper), each channel's map (so that the small smoke "
-        "channel counts as much as the background), or each location's channels"))
-    align_target: str = field(default="pair", metadata=_help(
-        "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
-        "label-gated (background, smoke) pair"))
-    consistency_weight: float = field(default=1.0, metadata=_help(
-        "mu, the weight of L_cons, the flip + rescale consistency of the student's map"))
-    consistency_scale: float = field(default=0.75, metadata=_help(
-        "rescale factor of L_cons's augmented view"))
+    align_weight: float = setting(1.0, "lambda, the weight of L_align (0 = the student alone)",
+                                  at_least=0)
+    align_kind: str = setting(
+        "cosine", "distance of L_align: cosine (the paper), l1, l2, or norm-l1 (L1 to the "
+        "student's map over its max + 1: its shape, not its scale; for the pair target)",
+        choices=losses.ALIGN_KINDS)
+    align_reduce: str = setting(
+        "channel", "cosine over the whole map (the paper), each channel's map (so that the "
+        "small smoke channel counts as much as the background), or each location's channels",
+        choices=losses.ALIGN_REDUCES)
+    align_target: str = setting(
+        "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
+        "label-gated (background, smoke) pair", choices=losses.ALIGN_TARGETS)
+    consistency_weight: float = setting(1.0, "mu, the weight of L_cons, the flip + rescale "
+                                        "consistency of the student's map", at_least=0)
+    consistency_scale: float = setting(0.75, "rescale factor of L_cons's augmented view",
+                                       above=0)
 
 @dataclass
 class CamConfig:
-    cam_network: str = field(default="student", metadata=_help(
-        "whose CAMs become pseudo masks"))
-    cam_method: str = field(default="proj", metadata=_help(
-        "the student's CAM: gradcam (Grad-CAM of its last block, the paper) or proj (its "
-        "projected class map, the map L_align trains)"))
-    cam_scales: tuple[float, ...] = field(default=(1.0,), metadata=_help(
-        "input scales summed (the paper: 0.5 1 1.5 2)"))
-    cam_flip: bool = field(default=True, metadata=_help("also sum the mirrored input's CAM"))
-    threshold: float = field(default=0.3, metadata=_help(
-        "a pixel is smoke where its max-normalised CAM exceeds this (the paper's value)"))
-    cam_batch_size: int = field(default=32, metadata=_help("images a batch for CAMs"))
+    cam_network: str = setting("student", "whose CAMs become pseudo masks",
+                               choices=("student", "teacher"))
+    cam_method: str = setting(
+        "proj", "the student's CAM: gradcam (Grad-CAM of its last block, the paper) or proj "
+        "(its projected class map, the map L_align trains)", choices=("proj", "gradcam"))
+    cam_scales: tuple[float, ...] = setting((1.0,), "input scales summed (the paper: 0.5 1 1.5 "
+                                            "2)", above=0)
+    cam_flip: bool = setting(True, "also sum the mirrored input's CAM")
+    threshold: float = setting(0.3, "a pixel is smoke where its max-normalised CAM exceeds this "
+                               "(the paper's value)", **SHARE)
+    cam_batch_size: int = setting(32, "images a batch for CAMs", at_least=1)
 
 @dataclass
 class RefineConfig:
-    background: str = field(default="threshold", metadata=_help(
-        "background score: threshold (the constant --threshold) or power ((1 - max CAM)^alpha, "
-        "the CRF's usual unary)"))
-    alpha: float = field(default=8.0, metadata=_help("exponent of the power background"))
-    crf: bool = field(default=False, metadata=_help("refine with the dense CRF"))
-    crf_iters: int = field(default=10, metadata=_help("mean-field iterations"))
-    crf_sxy_gaussian: float = field(default=3.0, metadata=_help("position kernel width, px"))
-    crf_compat_gaussian: float = field(default=3.0, metadata=_help("position kernel weight"))
-    crf_sxy_bilateral: float = field(default=80.0, metadata=_help(
-        "colour kernel's position width, px"))
-    crf_srgb: float = field(default=13.0, metadata=_help("colour kernel's colour width"))
-    crf_compat_bilateral: float = field(default=10.0, metadata=_help("colour kernel weight"))
-    coverage_fix: bool = field(default=False, metadata=_help(
-        "the coverage fix: spread the CAM over the student's attention affinities"))
-    coverage_steps: int = field(default=2, metadata=_help("random-walk steps of the fix"))
-    coverage_beta: float = field(default=2.0, metadata=_help(
-        "power that sharpens the attention affinities"))
+    background: str = setting(
+        "threshold", "background score: threshold (the constant --threshold) or power "
+        "((1 - max CAM)^alpha, the CRF's usual unary)", choices=("threshold", "power"))
+    alpha: float = setting(8.0, "exponent of the power background", above=0)
+    crf: bool = setting(False, "refine with the dense CRF")
+    crf_iters: int = setting(10, "mean-field iterations", at_least=1)
+    crf_sxy_gaussian: float = setting(3.0, "position kernel width, px", above=0)
+    crf_compat_gaussian: float = setting(3.0, "position kernel weight", at_least=0)
+    crf_sxy_bilateral: float = setting(80.0, "colour kernel's position width, px", above=0)
+    crf_srgb: float = setting(13.0, "colour kernel's colour width", above=0)
+    crf_compat_bilateral: float = setting(10.0, "colour kernel weight", at_least=0)
+    coverage_fix: bool = setting(False, "the coverage fix: spread the CAM over the student's "
+                                 "attention affinities")
+    coverage_steps: int = setting(2, "random-walk steps of the fix", at_least=1)
+    coverage_beta: float = setting(2.0, "power that sharpens the attention affinities", above=0)
 
 @dataclass
 class SegmentConfig:
-    seg_targets: str = field(default="pseudo", metadata=_help(
-        "pseudo: the pseudo masks in --seg-masks; truth: the ground truth (the upper bound)"))
-    seg_masks: str = field(default="", metadata=_help(
-        "folder of pseudo masks <stem>.png, 255 = ignore (empty: RUN/pseudo_train)"))
-    seg_init: str = field(default="run", metadata=_help(
-        "run: start from the teacher's trained ResNet; scratch: random initialisation"))
-    seg_epochs: int = field(default=12, metadata=_help("epochs of stage 3"))
-    seg_batch_size: int = field(default=16, metadata=_help("images a step in stage 3"))
-    seg_lr: float = field(default=5e-4, metadata=_help("AdamW peak learning rate of stage 3"))
+    seg_targets: str = setting("pseudo", "pseudo: the pseudo masks in --seg-masks; truth: the "
+                               "ground truth (the upper bound)", choices=("pseudo", "truth"))
+    seg_masks: str = setting("", "folder of pseudo masks <stem>.png, 255 = ignore (empty: "
+                             "RUN/pseudo_train)")
+    seg_init: str = setting("run", "run: start from the teacher's trained ResNet; scratch: "
+                            "random initialisation", choices=("run", "scratch"))
+    seg_epochs: int = setting(12, "epochs of stage 3", at_least=1)
+    seg_batch_size: int = setting(16, "images a step in stage 3", at_least=1)
+    seg_lr: float = setting(5e-4, "AdamW peak learning rate of stage 3", above=0)
 
 CONFIGS = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "cam": CamConfig,
            "refine": RefineConfig, "segment": SegmentConfig}
@@ -208,38 +217,36 @@ class RunConfig:
             parts[name] = part(**values)
         return cls(data=d["data"], **parts)
 
+def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
+    """`base` with some fields (named without their part) replaced."""
+    parts = {name: getattr(base, name) for name in CONFIGS}
+    for key, value in overrides.items():
+        name = FIELDS[key][0]
+        parts[name] = dataclasses.replace(parts[name], **{key: value})
+    return RunConfig(data=base.data, **parts)
+
 # Presets: overrides of the defaults above. "cpu" (the defaults) trains on a 2-core laptop in
 # minutes. "faithful" is the paper's recipe on the same small networks: no augmentation, a
 # class-token student with a patchify stem, raw-map cosine alignment, no consistency loss,
 # Grad-CAM over four scales, threshold 0.3. "paper" is that recipe at the paper's size
 # (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8, 3 epochs).
 # "quick" is the default recipe cut to run in about a minute (to try the tool, not to score).
-FAITHFUL = {
-    "model": dict(student_stem="patch", student_head="token", pool=1.0),
-    "train": dict(flip=False, crop=1.0),
-    "loss": dict(align_target="raw", align_reduce="global", consistency_weight=0.0),
-    "cam": dict(cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0), threshold=0.3),
-}
+FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, flip=False, crop=1.0,
+                align_target="raw", align_reduce="global", consistency_weight=0.0,
+                cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0), threshold=0.3)
 PRESETS = {
     "cpu": {},
-    "quick": {"model": dict(image_size=64), "train": dict(teacher_epochs=2, student_epochs=2)},
+    "quick": dict(image_size=64, teacher_epochs=2, student_epochs=2),
     "faithful": FAITHFUL,
-    "paper": {
-        "model": dict(FAITHFUL["model"], teacher="resnet50", teacher_width=64, output_stride=16,
-                      pcm=True, student="vit_base", student_depth=12, patch_size=16,
-                      image_size=512),
-        "train": dict(FAITHFUL["train"], teacher_epochs=3, student_epochs=3, batch_size=8,
-                      lr=1e-4, channels_last=True),
-        "loss": FAITHFUL["loss"],
-        "cam": dict(FAITHFUL["cam"], cam_batch_size=8),
-    },
+    "paper": dict(FAITHFUL, teacher="resnet50", teacher_width=64, output_stride=16, pcm=True,
+                  student="vit_base", student_depth=12, patch_size=16, image_size=512,
+                  teacher_epochs=3, student_epochs=3, batch_size=8, lr=1e-4,
+                  channels_last=True, cam_batch_size=8),
 }
 
 def preset_config(name: str, data: str = "") -> RunConfig:
-    """The settings of a preset (the defaults with its overrides)."""
-    preset = PRESETS[name]
-    return RunConfig(data=data, **{part: cls(**preset.get(part, {}))
-                                   for part, cls in CONFIGS.items()})
+    """The settings of a preset: the defaults with its overrides."""
+    return with_overrides(RunConfig(data=data), PRESETS[name])
 
 # --- data: a folder of images, image-level labels, and (for scoring only) masks --------------
 #   DIR/classes.txt            foreground class names, one a line (background is index 0)
@@ -594,15 +601,6 @@ def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: to
             count += labels.numel()
     return total / count
 
-def format_scores(name: str, r: dict) -> str:
-    def f(key: str) -> str:  # a figure without pixels to count (no context masks) is n/a
-        return "n/a" if math.isnan(r[key]) else f"{r[key]:.1f}"
-    return (f"{name}: smoke IoU {f('smoke_iou')}  mIoU {f('miou')}  "
-            f"precision {f('precision')}  recall {f('recall')}  "
-            f"boundary F1 {f('boundary_f1')}  per-image IoU {f('image_iou')}  "
-            f"chimney called smoke {f('context_fp')} %"
-            + (f"  BCE {r['bce']:.3f}" if "bce" in r else ""))
-
 def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch.device,
             log: "Log") -> None:
     """The teacher's CAM, the student alone and the aligned student, one read-out for all,
@@ -627,7 +625,7 @@ def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch
         f"read-out for all (threshold {config.cam.threshold}, scales "
         f"{list(config.cam.cam_scales)}; students' map: {config.cam.cam_method}):")
     for name, r in scores.items():
-        log(format_scores(f"  {name:22s}", r))
+        log(postprocess.format_scores(f"  {name:22s}", r))
     if world()[0] == 0:
         (run / "scores.json").write_text(json.dumps({"split": split, **scores}, indent=2) + "\n")
 
@@ -660,60 +658,33 @@ def cmd_train(args: argparse.Namespace) -> None:
 # import, stage 3, prediction, the ablation, the CRF benchmark, the command line
 # =============================================================================================
 
-# --- settings: what each allows, in one place ------------------------------------------------
-# A tuple of choices, or a numeric range (low, high, low_open): low <= v <= high, or low < v
-# with low_open; None = unbounded. The parser enforces the choices; check_settings() all of it,
-# for flags and for a run's config.json alike.
-CHOICES = {
-    "teacher": ("resnet18", "resnet34", "resnet50", "resnet101"), "output_stride": (8, 16, 32),
-    "student": ("vit_tiny", "vit_small", "vit_base"), "student_stem": ("patch", "conv"),
-    "student_head": ("token", "cam"), "amp": ("auto", "bf16", "fp16", "off"),
-    "device": ("auto", "cpu", "cuda", "mps"), "align_kind": losses.ALIGN_KINDS,
-    "align_reduce": losses.ALIGN_REDUCES, "align_target": losses.ALIGN_TARGETS,
-    "cam_network": ("student", "teacher"), "cam_method": ("proj", "gradcam"),
-    "background": ("threshold", "power"),
-    "seg_targets": ("pseudo", "truth"), "seg_init": ("run", "scratch"),
-}
-POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = (0, None, True), (0, None, False), (1, None, False)
-SHARE, PIXELS = (0, 1, False), (16, None, False)
-RANGES = {
-    "n_train": AT_LEAST_ONE, "n_val": NON_NEGATIVE, "size": PIXELS, "positive_share": SHARE,
-    "coupling": SHARE, "val_coupling": SHARE, "tile": PIXELS, "min_share": SHARE,
-    "val_share": SHARE, "teacher_width": AT_LEAST_ONE, "pool": (0, 1, True),
-    "student_depth": AT_LEAST_ONE,
-    "patch_size": AT_LEAST_ONE, "image_size": PIXELS, "teacher_epochs": AT_LEAST_ONE,
-    "student_epochs": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "lr": POSITIVE,
-    "weight_decay": NON_NEGATIVE, "crop": (0, 1, True), "workers": NON_NEGATIVE,
-    "log_every": AT_LEAST_ONE, "align_weight": NON_NEGATIVE, "consistency_weight": NON_NEGATIVE,
-    "consistency_scale": POSITIVE, "cam_scales": POSITIVE, "threshold": SHARE,
-    "cam_batch_size": AT_LEAST_ONE, "alpha": POSITIVE, "crf_iters": AT_LEAST_ONE,
-    "crf_sxy_gaussian": POSITIVE, "crf_compat_gaussian": NON_NEGATIVE,
-    "crf_sxy_bilateral": POSITIVE, "crf_srgb": POSITIVE, "crf_compat_bilateral": NON_NEGATIVE,
-    "coverage_steps": AT_LEAST_ONE, "coverage_beta": POSITIVE,
-    "seg_epochs": AT_LEAST_ONE, "seg_batch_size": AT_LEAST_ONE, "seg_lr": POSITIVE,
-}
+# --- settings: every value checked against what its field allows ------------------------------
 
-def allowed(name: str) -> str:
+def allowed(f: dataclasses.Field) -> str:
     """What a setting allows, in words."""
-    if name in CHOICES:
-        return "one of " + ", ".join(str(c) for c in CHOICES[name])
-    low, high, low_open = RANGES[name]
-    bound = f"{'above' if low_open else 'at least'} {low}"
-    return bound if high is None else f"{bound} and at most {high}"
+    m = f.metadata
+    if m["choices"]:
+        return "one of " + ", ".join(str(c) for c in m["choices"])
+    bounds = [f"{word} {m[key]}" for key, word in
+              (("at_least", "at least"), ("above", "above"), ("at_most", "at most"))
+              if m[key] is not None]
+    return " and ".join(bounds)
 
-def check_value(name: str, value) -> None:
+def check_value(f: dataclasses.Field, value) -> None:
     """DataError naming the flag, the value and what is allowed, when `value` is not allowed."""
-    bad = False
-    if name in CHOICES:
-        bad = value not in CHOICES[name]
-    elif name in RANGES:
-        low, high, low_open = RANGES[name]
-        for v in (value if isinstance(value, tuple) else (value,)):
-            bad |= v < low or (low_open and v == low) or (high is not None and v > high)
-        bad |= isinstance(value, tuple) and not value
+    m = f.metadata
+    values = value if isinstance(value, tuple) else (value,)
+    if m["choices"]:
+        bad = value not in m["choices"]
+    else:
+        bad = not values  # an empty list of scales
+        for v in values:
+            bad |= ((m["at_least"] is not None and v < m["at_least"])
+                    or (m["above"] is not None and v <= m["above"])
+                    or (m["at_most"] is not None and v > m["at_most"]))
     if bad:
-        shown = " ".join(str(v) for v in value) if isinstance(value, tuple) else value
-        raise DataError(f"--{name.replace('_', '-')} {shown}: must be {allowed(name)}")
+        shown = " ".join(map(str, values))
+        raise DataError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed(f)}")
 
 def check_settings(*configs) -> None:
     """Every field of the given config dataclasses (or of a RunConfig's parts) is allowed."""
@@ -721,7 +692,7 @@ def check_settings(*configs) -> None:
         parts = [getattr(config, n) for n in CONFIGS] if isinstance(config, RunConfig) else [config]
         for part in parts:
             for f in dataclasses.fields(part):
-                check_value(f.name, getattr(part, f.name))
+                check_value(f, getattr(part, f.name))
 
 def check_run_config(config: RunConfig) -> None:
     """Every setting allowed, the settings that depend on each other consistent, the device
@@ -1206,22 +1177,8 @@ def output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ())
 def save_mask(mask: torch.Tensor, path: Path) -> None:
     Image.fromarray(mask.numpy().astype(np.uint8)).save(path)
 
-def paint(rgb: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """A (3,H,W) uint8 photo with (H,W) bool masks painted over it: red, yellow, blue, ..."""
-    from torchvision.utils import draw_segmentation_masks
-    colors = ["red", "yellow", "blue", "lime", "cyan", "magenta"]
-    return draw_segmentation_masks(rgb, torch.stack(masks), alpha=0.55,
-                                   colors=(colors * len(masks))[:len(masks)])
-
-def overlay_grid(rgbs: list[torch.Tensor], masks: list[torch.Tensor], path: Path,
-                 num_classes: int) -> None:
-    """Photos and their masks over them, in a grid a person can look at."""
-    from torchvision.utils import make_grid
-    tiles = []
-    for rgb, mask in zip(rgbs, masks):
-        tiles += [rgb, paint(rgb, [mask == k for k in range(1, num_classes + 1)])]
-    grid = make_grid(torch.stack(tiles), nrow=8, padding=2, pad_value=255)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)  # (3,H,W) -> (H,W,3)
+def save_picture(rgb: torch.Tensor, path: Path, **options) -> None:
+    Image.fromarray(rgb.permute(1, 2, 0).numpy()).save(path, **options)  # (3,H,W) -> (H,W,3)
 
 def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig,
                        refine_config: RefineConfig, teacher, student, device: torch.device,
@@ -1242,7 +1199,7 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig
         if scores is not None:
             score_batch(scores, masks, batch, dataset)
     if overlays is not None and shown_rgb and world()[0] == 0:
-        overlay_grid(shown_rgb, shown_mask, overlays, len(dataset.classes))
+        save_picture(postprocess.mask_grid(shown_rgb, shown_mask, len(dataset.classes)), overlays)
     return None if scores is None else gather_scores(scores).result()
 
 def evaluate_folder(dataset: "SmokeDataset", pred: Path) -> dict:
@@ -1268,17 +1225,17 @@ def peak_memory_mb() -> float:
 
 @dataclass
 class SynthConfig:
-    n_train: int = field(default=1000, metadata=_help("training images"))
-    n_val: int = field(default=200, metadata=_help("validation images"))
-    size: int = field(default=128, metadata=_help("image side in pixels"))
-    positive_share: float = field(default=0.5, metadata=_help("share of images with an emission"))
-    coupling: float = field(default=0.0, metadata=_help(
-        "the probability that a smoke-free training image has no chimney: 0 = chimneys in every "
-        "frame, as in the paper's fixed cameras (smoke always leaves one); higher values make "
-        "a chimney's presence itself a hint of smoke (1 = chimneys appear only with smoke)"))
-    val_coupling: float = field(default=0.0, metadata=_help(
-        "the same for the validation split"))
-    seed: int = field(default=0, metadata=_help("random seed; the same seed gives the same files"))
+    n_train: int = setting(1000, "training images", at_least=1)
+    n_val: int = setting(200, "validation images", at_least=0)
+    size: int = setting(128, "image side in pixels", at_least=16)
+    positive_share: float = setting(0.5, "share of images with an emission", **SHARE)
+    coupling: float = setting(
+        0.0, "the probability that a smoke-free training image has no chimney: 0 = chimneys in "
+        "every frame, as in the paper's fixed cameras (smoke always leaves one); higher values "
+        "make a chimney's presence itself a hint of smoke (1 = chimneys appear only with smoke)",
+        **SHARE)
+    val_coupling: float = setting(0.0, "the same for the validation split", **SHARE)
+    seed: int = setting(0, "random seed; the same seed gives the same files")
 
 SMOKE_VISIBLE, SMOKE_FAINT = 32, 10  # colour change (0..255) of a labelled / an ignored pixel
 
@@ -1446,12 +1403,12 @@ def ensure_default_data(path: Path) -> Path:
 
 @dataclass
 class PrepareConfig:
-    tile: int = field(default=128, metadata=_help("tile side in pixels"))
-    min_share: float = field(default=0.02, metadata=_help(
-        "a tile is a positive when at least this share of its pixels is smoke"))
-    val_share: float = field(default=0.2, metadata=_help(
-        "share of photographs held out for the validation split (all tiles of a photo together)"))
-    seed: int = field(default=0, metadata=_help("seed of the train/val split of photographs"))
+    tile: int = setting(128, "tile side in pixels", at_least=16)
+    min_share: float = setting(0.02, "a tile is a positive when at least this share of its "
+                               "pixels is smoke", **SHARE)
+    val_share: float = setting(0.2, "share of photographs held out for the validation split "
+                               "(all tiles of a photo together)", **SHARE)
+    seed: int = setting(0, "seed of the train/val split of photographs")
 
 def tile_origins(length: int, tile: int) -> list[int]:
     """Evenly spaced tile starts that cover [0, length) with the fewest tiles (overlap allowed)."""
@@ -1515,29 +1472,14 @@ def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig) -> dict:
 
 # --- pretrained weights from a local file (nothing is downloaded) ------------------------------
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a torchvision, timm, DeiT or DINO file: bare, or wrapped in
-    {"model": ...} / {"state_dict": ...}; DDP's "module." prefixes are removed and torchvision
-    ViT names are converted to ours."""
+def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Load a local weights file into `module`, saying what did not fit."""
     if not path.is_file():
         raise DataError(f"{path}: weights file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: unpickling errors of many kinds
-        raise DataError(f"{path}: cannot read weights ({e.__class__.__name__}: {e})") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DataError(f"{path}: not a state dict (a mapping of names to tensors)")
-    obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    if "conv_proj.weight" in obj:
-        obj = models.vit_state_dict_from_torchvision(obj)
-    return obj
-
-def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
-    """Load a local weights file into `module`, saying what did not fit."""
-    report = models.load_pretrained(module, read_state_dict(path))
+        report = models.load_pretrained(module, models.read_state_dict(path))
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
     loaded = len(report.pop("loaded"))
     print(f"{what}: loaded {loaded} tensors from {path}")
     for kind, keys in report.items():
@@ -1654,17 +1596,6 @@ def find_images(paths: list[str], folder: str | None) -> list[Path]:
         seen[path.stem] = path
     return files
 
-def overlay(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int, side: int = 768
-            ) -> Image.Image:
-    """The photo with its mask painted over it, at most `side` pixels on its long side."""
-    h, w = mask.shape
-    scale = min(1.0, side / max(h, w))
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    rgb = v2.functional.resize(rgb, list(size), antialias=True)
-    mask = postprocess.resize_mask(mask, size)
-    painted = paint(rgb, [mask == k for k in range(1, num_classes + 1)])
-    return Image.fromarray(painted.permute(1, 2, 0).numpy())  # (3,H,W) -> (H,W,3)
-
 def cam_masks(config: RunConfig, teacher: models.Teacher, student: models.Student, batch: dict,
               sizes: list[tuple[int, int]], device: torch.device) -> list[torch.Tensor]:
     """Without a stage-3 network: the run's CAM and refinement, gated by the CAM network's own
@@ -1714,7 +1645,8 @@ def predict(run: Path, files: list[Path], out: Path, device: torch.device,
             masks = cam_masks(config, teacher, student, batch, sizes, device)
         for (path, full), mask in zip(loaded, masks):
             save_mask(mask, out / f"{path.stem}.png")
-            overlay(full, mask, num_classes).save(out / "overlays" / f"{path.stem}.jpg", quality=90)
+            save_picture(postprocess.overlay(full, mask, num_classes),
+                         out / "overlays" / f"{path.stem}.jpg", quality=90)
         done += len(loaded)
     return {"images": done, "skipped": skipped, "seconds": time.perf_counter() - began,
             "method": "stage-3 network" if segmenter is not None else
@@ -1746,14 +1678,6 @@ QUICK_ROWS = ("teacher", "alone", "aligned", "crf")
 # The full grid's student budget (the default run and --quick: 8 epochs), so that its student
 # trainings over 3 seeds fit in about an hour on 2 CPU cores.
 ABLATION_STUDENT_EPOCHS = 4
-
-def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
-    """`base` with some fields (named without their part) replaced."""
-    parts = {name: getattr(base, name) for name in CONFIGS}
-    for key, value in overrides.items():
-        name = FIELDS[key][0]
-        parts[name] = dataclasses.replace(parts[name], **{key: value})
-    return RunConfig(data=base.data, **parts)
 
 def ablation_run(root: Path, base: RunConfig, overrides: dict, seed: int) -> Path:
     """Train (or reuse) the run of one training setting. Runs of one seed share the teacher
@@ -1793,7 +1717,7 @@ def ablate(root: Path, base: RunConfig, rows: list[str], seeds: list[int], split
             scores = write_pseudo_masks(dataset, None, shown.cam, shown.refine, teacher, student,
                                         device, base.train.amp)
             table.setdefault(label, []).append(scores)
-            print(format_scores(f"{label} (seed {seed})", scores), flush=True)
+            print(postprocess.format_scores(f"{label} (seed {seed})", scores), flush=True)
     return {ABLATION_ROWS[n][0]: table[ABLATION_ROWS[n][0]] for n in rows}
 
 def ablation_table(results: dict, split: str) -> str:
@@ -1852,7 +1776,7 @@ def cmd_pseudo(args: argparse.Namespace) -> None:
     print(f"wrote {len(dataset)} mask{'s' * (len(dataset) != 1)} to {out} in {seconds:.1f} s "
           f"({len(dataset) / seconds:.1f} images/s); overlays: {out / 'overlays.png'}")
     if scores is not None:
-        print(format_scores(f"{data.name} {args.split}, {cam.cam_network} CAM", scores))
+        print(postprocess.format_scores(f"{data.name} {args.split}, {cam.cam_network} CAM", scores))
         if args.json:
             print(json.dumps(scores))
 
@@ -1885,7 +1809,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         fresh_output_dir(out, force=True)  # derived from the checkpoint: always rewritten
         scores = segment_split(net, config, "val", out, device)
         if scores is not None:
-            log(format_scores(f"stage 3 ({config.segment.seg_targets}) on val vs ground truth",
+            log(postprocess.format_scores(f"stage 3 ({config.segment.seg_targets}) on val vs ground truth",
                               scores))
             (run / f"{name}_val.json").write_text(json.dumps(scores, indent=2) + "\n")
     log(f"wall time {time.perf_counter() - began:.0f} s; `python wsss.py predict --run {run} "
@@ -1985,7 +1909,7 @@ def add_field_flag(parser, f: dataclasses.Field) -> None:
     elif getattr(f.type, "__origin__", None) is tuple:
         parser.add_argument(flag, type=f.type.__args__[0], nargs="+", help=text)
     else:
-        parser.add_argument(flag, type=f.type, help=text, choices=CHOICES.get(f.name))
+        parser.add_argument(flag, type=f.type, help=text, choices=f.metadata["choices"] or None)
 
 def add_config_flags(parser, cls: type, skip: tuple = ()) -> None:
     for f in dataclasses.fields(cls):
