@@ -220,7 +220,7 @@ def test_synth_labels_masks_and_context_agree(synth_dir):
 def test_default_data_made_with_other_settings_is_named_not_replaced(tmp_path):
     old = tiny_synth(tmp_path / "synth", coupling=0.6)  # as an older default would have made
     before = sorted(p.name for p in (old / "images").iterdir())
-    with pytest.raises(wsss.DataError, match="synth --out .* --force"):
+    with pytest.raises(wsss.UserError, match="synth --out .* --force"):
         wsss.ensure_default_data(old)
     assert sorted(p.name for p in (old / "images").iterdir()) == before
     # A folder made with the default settings is used as it is.
@@ -364,7 +364,7 @@ def test_load_image_converts_every_mode_and_names_what_fails(tmp_path):
     for name, size in expected.items():
         path = next((tmp_path / "frames").glob(name + ".*"))
         if size is None:
-            with pytest.raises(wsss.DataError, match=name):
+            with pytest.raises(wsss.UserError, match=name):
                 wsss.load_image(path)
             continue
         image = wsss.load_image(path)
@@ -543,13 +543,13 @@ def test_pool_maps_is_the_mean_of_the_strongest_locations():
 
 def test_bad_weights_files(tmp_path):
     net = models.resnet18(num_classes=0)
-    with pytest.raises(wsss.DataError, match="not found"):
+    with pytest.raises(wsss.UserError, match="not found"):
         wsss.load_weights(net, tmp_path / "none.pt", "teacher")
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
-    with pytest.raises(wsss.DataError, match="cannot read weights"):
+    with pytest.raises(wsss.UserError, match="cannot read weights"):
         wsss.load_weights(net, tmp_path / "junk.pt", "teacher")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(wsss.DataError, match="no tensor matches"):
+    with pytest.raises(wsss.UserError, match="no tensor matches"):
         wsss.load_weights(net, tmp_path / "other.pt", "teacher")
 
 
@@ -820,7 +820,7 @@ def test_channels_last_training_runs(tmp_path, capsys, synth_dir):
 
 def test_latest_names_the_newest_run(tmp_path, monkeypatch):
     monkeypatch.setattr(wsss, "RUNS", tmp_path / "runs")
-    with pytest.raises(wsss.DataError, match="no run folder"):
+    with pytest.raises(wsss.UserError, match="no run folder"):
         wsss.run_path("latest")
     for name, when in (("old", 1_000), ("new", 2_000), ("no_config", 3_000)):
         (tmp_path / "runs" / name).mkdir(parents=True)

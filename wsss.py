@@ -52,7 +52,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DATA = Path("data/synth")  # where `train` generates the default dataset on first use
 RUNS = Path("runs")  # where `train` puts a run folder unless --out names one
 
-class DataError(Exception):
+class UserError(Exception):
     """Bad input or settings a user can fix: printed as one line, exit code 2."""
 
 # =============================================================================================
@@ -114,8 +114,8 @@ class TrainConfig:
     baseline: bool = setting(True, "also train the student alone (lambda = 0), scored beside "
                              "the aligned student")
     seed: int = setting(0, "seed of initialisation and data order")
-    amp: str = setting("auto", "mixed precision; auto: bf16 where the device runs it fast",
-                       choices=("auto", "bf16", "fp16", "off"))
+    amp: str = setting("auto", "bfloat16 mixed precision; auto: where the device runs it fast",
+                       choices=("auto", "bf16", "off"))
     device: str = setting("auto", "auto: cuda, then mps, then cpu",
                           choices=("auto", "cpu", "cuda", "mps"))
     workers: int = setting(0, "data loader worker processes", at_least=0)
@@ -264,16 +264,13 @@ class Sample:
     context: Path | None
 
 def read_classes(root: Path) -> list[str]:
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder not found")
     path = root / "classes.txt"
     if not path.is_file():
-        raise DataError(f"{path}: file not found (one foreground class name a line)")
+        raise UserError(f"{path}: file not found (a dataset folder has one foreground class "
+                        f"name a line)")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise DataError(f"{path}: no class names")
-    if len(set(names)) != len(names):
-        raise DataError(f"{path}: a class name appears twice")
+    if not names or len(set(names)) != len(names):
+        raise UserError(f"{path}: no class names, or one named twice")
     return names
 
 def read_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
@@ -282,34 +279,31 @@ def read_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
     index = {name: k + 1 for k, name in enumerate(classes)}
     path = root / f"{split}.txt"
     if not path.is_file():
-        raise DataError(f"{path}: split file not found")
+        raise UserError(f"{path}: split file not found")
     samples = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
-        words = line.split()
-        if not words:
+        if not line.split():
             continue
-        stem, names = words[0], words[1:]
-        for name in names:
-            if name not in index:
-                raise DataError(f"{path}:{number}: unknown class '{name}' (classes.txt has "
-                                f"{', '.join(classes)})")
-        image = next((root / "images" / (stem + ext) for ext in IMAGE_EXTENSIONS
-                      if (root / "images" / (stem + ext)).is_file()), None)
+        stem, *names = line.split()
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise UserError(f"{path}:{number}: unknown class '{unknown[0]}' (classes.txt has "
+                            f"{', '.join(classes)})")
+        images = [root / "images" / (stem + ext) for ext in IMAGE_EXTENSIONS]
+        image = next((p for p in images if p.is_file()), None)
         if image is None:
-            raise DataError(f"{path}:{number}: no image images/{stem}.png or .jpg")
-        mask = root / "masks" / f"{stem}.png"
-        context = root / "context" / f"{stem}.png"
+            raise UserError(f"{path}:{number}: no image images/{stem}.png or .jpg")
+        mask, context = root / "masks" / f"{stem}.png", root / "context" / f"{stem}.png"
         samples.append(Sample(stem, image, tuple(sorted({index[n] for n in names})),
                               mask if mask.is_file() else None,
                               context if context.is_file() else None))
     if not samples:
-        raise DataError(f"{path}: empty split (no image listed)")
+        raise UserError(f"{path}: empty split (no image listed)")
     return classes, samples
 
 def load_image(path: Path) -> Image.Image:
     """An RGB PIL image; a file that does not decode (truncated, empty, a link loop) is a
-    DataError naming it. Grey, palette, CMYK and alpha images are converted; 16-bit grey is
-    scaled to 8 bits (PIL's own conversion would clip it to white)."""
+    UserError naming it. 16-bit grey is scaled to 8 bits (PIL would clip it to white)."""
     try:
         with Image.open(path) as im:
             im.load()
@@ -318,7 +312,7 @@ def load_image(path: Path) -> Image.Image:
                 return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
+        raise UserError(f"{path}: cannot decode image ({e.__class__.__name__}: {e})") from None
 
 def load_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray:
     """A (H, W) uint8 class-index mask, checked against its image size and the class count."""
@@ -326,15 +320,15 @@ def load_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray
         with Image.open(path) as im:
             mask = np.array(im)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode mask ({e.__class__.__name__}: {e})") from None
+        raise UserError(f"{path}: cannot decode mask ({e.__class__.__name__}: {e})") from None
     if mask.ndim != 2:
-        raise DataError(f"{path}: mask must have one channel, found shape {mask.shape}")
+        raise UserError(f"{path}: mask must have one channel, found shape {mask.shape}")
     if (mask.shape[1], mask.shape[0]) != size:
-        raise DataError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+        raise UserError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                         f"{size[0]}x{size[1]}")
     bad = np.setdiff1d(np.unique(mask), [*range(num_classes + 1), IGNORE])
     if bad.size:
-        raise DataError(f"{path}: mask value {int(bad[0])} is neither a class (0..{num_classes}) "
+        raise UserError(f"{path}: mask value {int(bad[0])} is neither a class (0..{num_classes}) "
                         f"nor {IGNORE} (ignore)")
     return mask.astype(np.uint8)
 
@@ -348,8 +342,7 @@ class SmokeDataset(Dataset):
 
     Item: {"stem", "size" (2,) the file's (H, W), "image" (3,S,S) normalised float, "rgb"
     (3,S,S) uint8, "label" (K,) multi-hot float, and when the folder has them "mask" (S,S) int64
-    with 255 = ignore, "context" (S,S) bool}.
-    Images without a mask file get an all-ignore mask so that batches stay uniform.
+    with 255 = ignore (all-ignore for an image without a mask file), "context" (S,S) bool}.
     `masks` names a folder of <stem>.png masks to use instead of DIR/masks (stage 3 trains on
     pseudo masks this way).
     """
@@ -361,7 +354,7 @@ class SmokeDataset(Dataset):
         if masks is not None:
             missing = [s.stem for s in self.samples if not (masks / f"{s.stem}.png").is_file()]
             if missing:
-                raise DataError(f"{masks / missing[0]}.png: mask missing ({len(missing)} of "
+                raise UserError(f"{masks / missing[0]}.png: mask missing ({len(missing)} of "
                                 f"{len(self.samples)} {split} images have none; `python wsss.py "
                                 f"pseudo` writes pseudo masks)")
             self.samples = [dataclasses.replace(s, mask=masks / f"{s.stem}.png")
@@ -369,60 +362,47 @@ class SmokeDataset(Dataset):
         self.index = {s.stem: i for i, s in enumerate(self.samples)}
         self.has_masks = any(s.mask is not None for s in self.samples)
         self.has_context = any(s.context is not None for s in self.samples)
-        steps = [v2.Resize((size, size), antialias=True)] if size else []
+        steps = [v2.Resize((size, size), antialias=True)] if size else [v2.Identity()]
         if size and crop < 1:
             steps = [v2.RandomResizedCrop((size, size), scale=(crop, 1.0), antialias=True)]
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(steps or [v2.Identity()])
+        self.transform = v2.Compose(steps + ([v2.RandomHorizontalFlip()] if flip else []))
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def label_vector(self, sample: Sample) -> torch.Tensor:
-        label = torch.zeros(len(self.classes))
-        for k in sample.labels:
-            label[k - 1] = 1.0
-        return label
-
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
         pil = load_image(s.image)
-        h, w = pil.height, pil.width
         rgb = torch.from_numpy(np.array(pil)).permute(2, 0, 1)  # (H,W,3) -> (3,H,W)
-        image = tv_tensors.Image(rgb)
-        extras = {k: tv_tensors.Mask(v) for k, v in self.full_truth(s, h, w).items()}
-        image, extras = self.transform(image, extras)
-        item = {"stem": s.stem, "size": torch.tensor([h, w]),
-                "rgb": image.as_subclass(torch.Tensor),
-                "image": network_input(image.as_subclass(torch.Tensor)),
-                "label": self.label_vector(s)}
-        item.update({k: t.as_subclass(torch.Tensor) for k, t in extras.items()})
-        return item
+        truth = {k: tv_tensors.Mask(v) for k, v in self.truth(s, pil.height, pil.width).items()}
+        image, truth = self.transform(tv_tensors.Image(rgb), truth)
+        image = image.as_subclass(torch.Tensor)
+        label = torch.zeros(len(self.classes))
+        label[[k - 1 for k in s.labels]] = 1.0
+        return {"stem": s.stem, "size": torch.tensor([pil.height, pil.width]), "rgb": image,
+                "image": network_input(image), "label": label,
+                **{k: t.as_subclass(torch.Tensor) for k, t in truth.items()}}
 
-    def full_truth(self, s: Sample, h: int, w: int) -> dict[str, torch.Tensor]:
-        """{"mask": (h, w) int64, "context": (h, w) bool}, as far as the folder has them."""
-        extras = {}
+    def truth(self, s: Sample | str, h: int = 0, w: int = 0) -> dict[str, torch.Tensor]:
+        """{"mask": (h, w) int64, "context": (h, w) bool}, as far as the folder has them, at
+        the image file's own size (h, w) (read from the file when not given)."""
+        if isinstance(s, str):
+            s = self.samples[self.index[s]]
+            with Image.open(s.image) as im:
+                w, h = im.size
+        truth = {}
         if self.has_masks:
             mask = (load_mask(s.mask, (w, h), len(self.classes)) if s.mask is not None
                     else np.full((h, w), IGNORE, np.uint8))
-            extras["mask"] = torch.from_numpy(mask).long()
+            truth["mask"] = torch.from_numpy(mask).long()
         if self.has_context:
             context = (np.array(Image.open(s.context).convert("L")) > 0 if s.context is not None
                        else np.zeros((h, w), bool))
             if context.shape != (h, w):
-                raise DataError(f"{s.context}: context is {context.shape[1]}x{context.shape[0]} "
+                raise UserError(f"{s.context}: context is {context.shape[1]}x{context.shape[0]} "
                                 f"but its image is {w}x{h}")
-            extras["context"] = torch.from_numpy(context)
-        return extras
-
-    def truth(self, stem: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The ground truth of one image at the image file's own size: (mask, context)."""
-        s = self.samples[self.index[stem]]
-        with Image.open(s.image) as im:
-            w, h = im.size
-        extras = self.full_truth(s, h, w)
-        return extras["mask"], extras.get("context")
+            truth["context"] = torch.from_numpy(context)
+        return truth
 
     def verify(self) -> None:
         """Decode every file once, so that bad input stops a run before training, not during."""
@@ -459,9 +439,9 @@ def freeze(net: torch.nn.Module) -> torch.nn.Module:
 
 # --- stage 1: the teacher learns to classify -----------------------------------------------
 
-def teacher_loss(batch: dict, nets: dict) -> dict:
-    """L_cls = BCE(GAP(teacher CAM), y): the teacher is a CAM classifier."""
-    logits, _ = nets["teacher"](batch["image"])  # (B, K); the maps (B, K, h, w) unused
+def teacher_loss(batch: dict, teacher: models.Teacher) -> dict:
+    """L_cls = BCE(pool(teacher CAM), y): the teacher is a CAM classifier."""
+    logits, _ = teacher(batch["image"])  # (B, K); the maps (B, K, h, w) unused
     loss = losses.classification_loss(logits, batch["label"])
     return {"loss": loss, "cls": loss}
 
@@ -501,16 +481,15 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
     log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
         f"parameters; student {config.model.student}: "
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
-    train_stage("teacher", {"teacher": teacher}, teacher_loss, dataset, run, config,
+    train_stage("teacher", teacher, teacher_loss, dataset, run, config,
                 config.train.teacher_epochs, device, log)
     freeze(teacher)
 
-    def step(batch, nets):
-        return student_loss(nets["student"], teacher, batch["image"], batch["label"],
-                            config.loss)
+    def step(batch, net):
+        return student_loss(net, teacher, batch["image"], batch["label"], config.loss)
 
-    train_stage("student", {"student": student}, step, dataset, run, config,
-                config.train.student_epochs, device, log)
+    train_stage("student", student, step, dataset, run, config, config.train.student_epochs,
+                device, log)
     return teacher, freeze(student)
 
 def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
@@ -520,30 +499,27 @@ def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: t
     torch.manual_seed(config.train.seed)
     alone = build_student(config.model, len(dataset.classes)).to(device)
 
-    def step(batch, nets):
-        return student_loss(nets["alone"], None, batch["image"], batch["label"], config.loss)
+    def step(batch, net):
+        return student_loss(net, None, batch["image"], batch["label"], config.loss)
 
-    train_stage("alone", {"alone": alone}, step, dataset, run, config,
-                config.train.student_epochs, device, log)
+    train_stage("alone", alone, step, dataset, run, config, config.train.student_epochs, device,
+                log)
     return freeze(alone)
 
-# --- from CAMs to pseudo masks: batch_cams -> refine, for a split: pseudo_masks -------------
-
-def cam_function(config: CamConfig, teacher: models.Teacher | None,
-                 student: models.Student | None):
-    """(images (B,3,H,W) -> CAMs (B,K,h,w), the side multiple its inputs need)."""
-    if config.cam_network == "teacher":
-        return (lambda x: teacher(x)[1].float()), 1
-    if config.cam_method == "gradcam":
-        return student.gradcam, student.backbone.patch_size
-    return (lambda x: student(x)[1][:, 1:].float()), student.backbone.patch_size  # fg channels
+# --- from CAMs to pseudo masks: batch_cams -> pseudo_mask; a whole split: write_pseudo_masks --
 
 def batch_cams(batch: dict, cam: CamConfig, refine_config: RefineConfig, teacher, student,
                device: torch.device, amp: str = "off") -> torch.Tensor:
-    """A batch's CAMs (B,K,H,W) at its input size: summed over scales and mirror images,
-    spread by the coverage fix when asked, max-normalised to [0, 1], zero for the classes an
-    image's label lacks."""
-    fn, multiple = cam_function(cam, teacher, student)
+    """A batch's CAMs (B,K,H,W) at its input size: the teacher's CAM, the student's projected
+    map (the map L_align trains) or its Grad-CAM (the paper); summed over scales and mirror
+    images, spread by the coverage fix when asked, max-normalised to [0, 1], zero for the
+    classes an image's label lacks."""
+    if cam.cam_network == "teacher":
+        fn, multiple = (lambda x: teacher(x)[1].float()), 1
+    elif cam.cam_method == "gradcam":
+        fn, multiple = student.gradcam, student.backbone.patch_size
+    else:  # the foreground channels of the projected map
+        fn, multiple = (lambda x: student(x)[1][:, 1:].float()), student.backbone.patch_size
     images = batch["image"].to(device)
     with torch.no_grad(), autocast(amp, device):
         cams = postprocess.multiscale_cam(fn, images, cam.cam_scales, cam.cam_flip, multiple)
@@ -552,8 +528,8 @@ def batch_cams(batch: dict, cam: CamConfig, refine_config: RefineConfig, teacher
                                         refine_config.coverage_beta)
     return losses.normalize_maps(cams, batch["label"].to(device))
 
-def refine(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,
-           config: RefineConfig) -> torch.Tensor:
+def pseudo_mask(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,
+                config: RefineConfig) -> torch.Tensor:
     """Normalised CAMs (B,K,H,W) -> masks (B,H,W) uint8: a background score, the dense CRF
     when asked, the best score a pixel."""
     probs = postprocess.cams_to_probs(cams, config.background, cam.threshold, config.alpha)
@@ -565,15 +541,31 @@ def refine(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,
             compat_bilateral=config.crf_compat_bilateral)
     return postprocess.probs_to_mask(probs)
 
-def pseudo_masks(dataset: "SmokeDataset", cam: CamConfig, refine_config: RefineConfig,
-                 teacher, student, device: torch.device, amp: str = "off"):
-    """Yield (batch, masks (B,H,W) uint8) for every image of the split (under torchrun, for
-    this process's share)."""
-    rank, size = world()
+def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig,
+                       refine_config: RefineConfig, teacher, student, device: torch.device,
+                       amp: str, overlays: Path | None = None) -> dict | None:
+    """The split's pseudo masks into `out` (None: nowhere) at each file's own size, an overlay
+    grid, and the masks' scores when the dataset has ground truth (under torchrun each
+    process labels its share)."""
+    scores = postprocess.Scores(len(dataset.classes)) if dataset.has_masks else None
+    shown_rgb, shown_mask = [], []
+    rank, size = rank_and_count()
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), size))
     for batch in torch.utils.data.DataLoader(share, batch_size=cam.cam_batch_size):
         cams = batch_cams(batch, cam, refine_config, teacher, student, device, amp)
-        yield batch, refine(batch["rgb"], cams, cam, refine_config).cpu()
+        masks = pseudo_mask(batch["rgb"], cams, cam, refine_config).cpu()
+        for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
+            if out is not None:
+                file_size = tuple(batch["size"][i].tolist())
+                save_mask(postprocess.resize_mask(mask, file_size), out / f"{stem}.png")
+            if len(shown_rgb) < 16 and batch["label"][i].any():
+                shown_rgb.append(batch["rgb"][i])
+                shown_mask.append(mask)
+        if scores is not None:
+            score_batch(scores, masks, batch, dataset)
+    if overlays is not None and shown_rgb and rank == 0:
+        save_picture(postprocess.mask_grid(shown_rgb, shown_mask, len(dataset.classes)), overlays)
+    return None if scores is None else gather_scores(scores).result()
 
 # --- scores ----------------------------------------------------------------------------------
 
@@ -587,7 +579,8 @@ def score_batch(scores: postprocess.Scores, masks: torch.Tensor, batch: dict,
             scores.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
                        else None)
         else:
-            scores.add(postprocess.resize_mask(mask, size), *dataset.truth(batch["stem"][i]))
+            truth = dataset.truth(batch["stem"][i])
+            scores.add(postprocess.resize_mask(mask, size), truth["mask"], truth.get("context"))
 
 def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
                        ) -> float:
@@ -626,7 +619,7 @@ def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch
         f"{list(config.cam.cam_scales)}; students' map: {config.cam.cam_method}):")
     for name, r in scores.items():
         log(postprocess.format_scores(f"  {name:22s}", r))
-    if world()[0] == 0:
+    if rank_and_count()[0] == 0:
         (run / "scores.json").write_text(json.dumps({"split": split, **scores}, indent=2) + "\n")
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -671,7 +664,7 @@ def allowed(f: dataclasses.Field) -> str:
     return " and ".join(bounds)
 
 def check_value(f: dataclasses.Field, value) -> None:
-    """DataError naming the flag, the value and what is allowed, when `value` is not allowed."""
+    """UserError naming the flag, the value and what is allowed, when `value` is not allowed."""
     m = f.metadata
     values = value if isinstance(value, tuple) else (value,)
     if m["choices"]:
@@ -684,7 +677,7 @@ def check_value(f: dataclasses.Field, value) -> None:
                     or (m["at_most"] is not None and v > m["at_most"]))
     if bad:
         shown = " ".join(map(str, values))
-        raise DataError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed(f)}")
+        raise UserError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed(f)}")
 
 def check_settings(*configs) -> None:
     """Every field of the given config dataclasses (or of a RunConfig's parts) is allowed."""
@@ -700,15 +693,15 @@ def check_run_config(config: RunConfig) -> None:
     check_settings(config)
     m = config.model
     if m.image_size % m.patch_size:
-        raise DataError(f"--image-size {m.image_size}: must be a multiple of --patch-size "
+        raise UserError(f"--image-size {m.image_size}: must be a multiple of --patch-size "
                         f"{m.patch_size}")
     if m.student_stem == "conv" and m.patch_size & (m.patch_size - 1):
-        raise DataError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
+        raise UserError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
                         f"(or --student-stem patch)")
     if config.loss.align_kind == "norm-l1" and config.loss.align_target == "raw":
-        raise DataError("--align-kind norm-l1 compares normalised maps: it needs --align-target "
+        raise UserError("--align-kind norm-l1 compares normalised maps: it needs --align-target "
                         "pair (or --align-kind cosine)")
-    autocast_dtype(config.train.amp, pick_device(config.train.device))  # fp16 needs CUDA
+    pick_device(config.train.device)  # the device is present
 
 def describe(config: RunConfig) -> str:
     """The settings, one line a part, for the log."""
@@ -724,7 +717,7 @@ def run_path(text: str) -> Path:
         return Path(text)
     runs = [p for p in RUNS.glob("*") if (p / "config.json").is_file()] if RUNS.is_dir() else []
     if not runs:
-        raise DataError(f"latest: no run folder under {RUNS}/; `python wsss.py train` makes one")
+        raise UserError(f"latest: no run folder under {RUNS}/; `python wsss.py train` makes one")
     return max(runs, key=lambda p: (p / "config.json").stat().st_mtime)
 
 def start_run(args: argparse.Namespace) -> tuple[Path, RunConfig]:
@@ -735,7 +728,7 @@ def start_run(args: argparse.Namespace) -> tuple[Path, RunConfig]:
         config = read_run_config(run)
         flags = given_flags(args) + (["--data"] if args.data else [])
         if flags:
-            raise DataError(f"--resume continues {run} with the settings it began with; "
+            raise UserError(f"--resume continues {run} with the settings it began with; "
                             f"{', '.join(flags)} cannot change them (start a new run instead)")
         check_run_config(config)
         return run, config
@@ -755,11 +748,11 @@ def start_run(args: argparse.Namespace) -> tuple[Path, RunConfig]:
 def read_run_config(run: Path) -> RunConfig:
     path = run / "config.json"
     if not path.is_file():
-        raise DataError(f"{path}: not found; `python wsss.py train` makes a run folder")
+        raise UserError(f"{path}: not found; `python wsss.py train` makes a run folder")
     try:
         config = RunConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # truncated, foreign, edited
-        raise DataError(f"{path}: not a run's config ({e.__class__.__name__}: "
+        raise UserError(f"{path}: not a run's config ({e.__class__.__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else 'malformed'})") from None
     check_settings(config)  # an edited file is held to the same table as the flags
     return config
@@ -783,14 +776,14 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
 def checkpoint_path(run: Path, name: str) -> Path:
     path = run / f"{name}.pt"
     if not path.is_file():
-        raise DataError(f"{path}: not found; `python wsss.py train --resume {run}` finishes "
+        raise UserError(f"{path}: not found; `python wsss.py train --resume {run}` finishes "
                         f"the run")
     return path
 
 # --- processes: one, or several started by torchrun -----------------------------------------
 
-def world() -> tuple[int, int]:
-    """(rank, number of processes): (0, 1) unless torchrun started this process."""
+def rank_and_count() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless torchrun started it."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -807,46 +800,47 @@ def init_distributed() -> bool:
 
 def on_first_process(fn):
     """fn() on the first process only (the one that writes files); every process gets its
-    result, or its DataError, so that no process waits for one that has failed."""
+    result, or its UserError, so that no process waits for one that has failed."""
     result, error = None, None
-    if world()[0] == 0:
+    if rank_and_count()[0] == 0:
         try:
             result = fn()
-        except DataError as e:
+        except UserError as e:
             error = str(e)
-    if world()[1] > 1:
+    if rank_and_count()[1] > 1:
         box = [result, error]
         dist.broadcast_object_list(box, src=0)
         result, error = box
     if error is not None:
-        raise DataError(error)
+        raise UserError(error)
     return result
 
 def global_mean(values: torch.Tensor) -> torch.Tensor:
     """The mean over processes of a tensor each process holds (itself with one process)."""
-    if world()[1] > 1:
+    if rank_and_count()[1] > 1:
         values = values.clone()
         dist.all_reduce(values)
-        values /= world()[1]
+        values /= rank_and_count()[1]
     return values
 
 def gather_scores(scores: postprocess.Scores) -> postprocess.Scores:
     """Under torchrun every process scored its share of a split; add them up."""
-    if world()[1] == 1:
+    if rank_and_count()[1] == 1:
         return scores
-    shares = [None] * world()[1]
+    shares = [None] * rank_and_count()[1]
     dist.all_gather_object(shares, scores)
     for other in shares[1:]:
         shares[0].merge(other)
     return shares[0]
 
-def distributed(net: torch.nn.Module, device: torch.device, t: TrainConfig) -> torch.nn.Module:
+def training_module(net: torch.nn.Module, device: torch.device, t: TrainConfig
+                    ) -> torch.nn.Module:
     """The module to call in training (channels-last and compiled when asked): under torchrun,
     wrapped in DistributedDataParallel (gradients averaged across processes during backward;
     BatchNorm synchronised on CUDA, per process on CPU, where SyncBatchNorm does not run)."""
     if t.channels_last:
         net.to(memory_format=torch.channels_last)
-    if world()[1] > 1:
+    if rank_and_count()[1] > 1:
         if device.type == "cuda":
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(
@@ -857,30 +851,25 @@ def distributed(net: torch.nn.Module, device: torch.device, t: TrainConfig) -> t
 
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu."""
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda: no CUDA device is available here (use auto or cpu)")
-    if name == "mps" and not mps:
-        raise DataError("--device mps: no MPS device is available here (use auto or cpu)")
+    available = {"cuda": torch.cuda.is_available(),
+                 "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
+    if not available.get(name, True):
+        raise UserError(f"--device {name}: no {name.upper()} device is available here (use auto "
+                        f"or cpu)")
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
+    if available["cuda"]:
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("mps") if mps else torch.device("cpu")
+    return torch.device("mps" if available["mps"] else "cpu")
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --amp on this device, or None for float32."""
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise DataError("--amp fp16 needs a CUDA device (use bf16 or off)")
-        return torch.float16
-    if amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":  # "auto" (the choices are checked with the other settings)
+    """The autocast dtype of --amp on this device: bfloat16, or None for float32. auto: bf16
+    on CUDA that runs it, and on CPUs with AVX512-BF16 or AMX (slower than fp32 elsewhere)."""
+    if amp != "auto":
+        return torch.bfloat16 if amp == "bf16" else None
+    if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":  # fast only with AVX512-BF16 or AMX; slower than fp32 elsewhere
+    if device.type == "cpu":
         return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
     return None
 
@@ -904,7 +893,7 @@ class Log:
         self.path = path
 
     def __call__(self, line: str) -> None:
-        if world()[0] != 0:
+        if rank_and_count()[0] != 0:
             return
         print(line, flush=True)
         if self.path is not None:
@@ -919,7 +908,7 @@ def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
     """`epoch` epochs and `step` steps of the next are done; the random state is saved so that
     a run resumed mid-epoch draws what the uninterrupted run would have drawn. Written to a
     temporary file, then renamed: a crash never leaves half a checkpoint."""
-    if world()[0] != 0:  # one writer; every process holds the same weights
+    if rank_and_count()[0] != 0:  # one writer; every process holds the same weights
         return
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
@@ -933,10 +922,10 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's message runs to many lines: its first says what failed
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"{path}: cannot read checkpoint ({e.__class__.__name__}: {first})"
+        raise UserError(f"{path}: cannot read checkpoint ({e.__class__.__name__}: {first})"
                         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+        raise UserError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
     return ckpt
 
 def check_compatible(ckpt: dict, config: RunConfig, path: Path) -> None:
@@ -966,7 +955,7 @@ def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, worker
     (a run resumed mid-epoch). Under torchrun process r takes images r, r + N, ... of the same
     order (padded to a multiple of N, as DistributedSampler pads): together the N processes'
     batches are the single process's batches."""
-    rank, size = world()
+    rank, size = rank_and_count()
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(dataset), generator=generator).tolist()
     order += order[: -len(order) % size]
@@ -1005,25 +994,22 @@ def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
-def resume(stage: str, nets: dict, optimizer: torch.optim.Optimizer, paths: dict,
+def resume(stage: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
            config: RunConfig, log: Log) -> tuple[int, int, torch.Tensor | None]:
-    """(epochs done, steps done of the next, random state) from a stage's checkpoints."""
-    if not all(p.is_file() for p in paths.values()):
+    """(epochs done, steps done of the next, random state) from a stage's checkpoint."""
+    if not path.is_file():
         return 0, 0, None
-    ckpts = {name: load_checkpoint(p) for name, p in paths.items()}
-    for name, net in nets.items():
-        check_compatible(ckpts[name], config, paths[name])
-        restore(net, ckpts[name], paths[name])
-    first = ckpts[next(iter(nets))]
-    if first["optimizer"] is not None:
-        optimizer.load_state_dict(first["optimizer"])
-    epoch, step = first["epoch"], first.get("step", 0)
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, config, path)
+    restore(net, ckpt, path)
+    if ckpt["optimizer"] is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    epoch, step = ckpt["epoch"], ckpt.get("step", 0)
     log(f"{stage}: resuming after epoch {epoch}" + (f" step {step}" if step else ""))
-    return epoch, step, first.get("rng")
+    return epoch, step, ckpt.get("rng")
 
-def optimizer_step(step, batch: dict, nets: dict, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler, lr: float, device: torch.device,
-                   t: TrainConfig) -> dict[str, float]:
+def optimizer_step(step, batch: dict, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   lr: float, device: torch.device, t: TrainConfig) -> dict[str, float]:
     """One step of a stage; returns the global batch's terms (the mean over processes, so
     that every process sees the same and stops together); nothing is updated on a NaN."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()
@@ -1031,43 +1017,33 @@ def optimizer_step(step, batch: dict, nets: dict, optimizer: torch.optim.Optimiz
     if t.channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
     with autocast(t.amp, device):
-        terms = step(batch, nets)
+        terms = step(batch, net)
     values = global_mean(torch.stack([v.detach().float() for v in terms.values()]))
     means = dict(zip(terms, values.tolist()))
-    if not math.isfinite(means["loss"]):
-        return means
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(terms["loss"]).backward()
-    scaler.step(optimizer)
-    scaler.update()
+    if math.isfinite(means["loss"]):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
     return means
 
-def stopped_message(stage: str, run: Path, epoch: int, step: int) -> str:
-    again = f"segment --run {run}" if stage.startswith("segment") else f"train --resume {run}"
-    return (f"{stage}: stopped by Ctrl-C after epoch {epoch} step {step}; checkpoint written; "
-            f"`python wsss.py {again}` continues from there")
-
-def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dataset,
-                run: Path, config: RunConfig, epochs: int, device: torch.device,
-                log: Log) -> None:
-    """The epoch loop of a stage: `step(batch, nets) -> {"loss": ..., other terms}`, `nets`
-    the modules to call (wrapped under torchrun), all trained by one AdamW; RUN/<name>.pt
-    written after every epoch and on Ctrl-C; a NaN loss stops with the last good one intact."""
-    t, size = config.train, world()[1]
+def train_stage(stage: str, net: torch.nn.Module, step, dataset: Dataset, run: Path,
+                config: RunConfig, epochs: int, device: torch.device, log: Log) -> None:
+    """The epoch loop of a stage: `step(batch, net) -> {"loss": ..., other terms}`, AdamW;
+    RUN/<stage>.pt written after every epoch and on Ctrl-C; a NaN loss stops with the last good
+    checkpoint intact."""
+    t, size = config.train, rank_and_count()[1]
     if t.batch_size % size:
-        raise DataError(f"--batch-size {t.batch_size} is the global batch; it must divide "
+        raise UserError(f"--batch-size {t.batch_size} is the global batch; it must divide "
                         f"evenly among {size} processes")
-    params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    paths = {name: run / f"{name}.pt" for name in nets}
-    start, skip, rng = resume(stage, nets, optimizer, paths, config, log)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=t.lr,
+                                  weight_decay=t.weight_decay)
+    path = run / f"{stage}.pt"
+    start, skip, rng = resume(stage, net, optimizer, path, config, log)
     if start >= epochs:
         return log(f"{stage}: done in an earlier run ({start} epochs)")
-    wrapped = {name: distributed(net, device, t) for name, net in nets.items()}
-    fp16 = autocast_dtype(t.amp, device) == torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # bf16 and float32 need none
+    wrapped = training_module(net, device, t)
     per_epoch = -(-len(dataset) // t.batch_size)
     total, seen = (epochs - start) * len(dataset) - skip * t.batch_size, 0
     began = time.perf_counter()
@@ -1078,14 +1054,13 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
                 torch.set_rng_state(rng)  # where the interrupted run stood
             else:
                 torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws, per epoch
-            for net in nets.values():
-                net.train()
+            net.train()
             sums: dict[str, float] = {}
             loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device,
                                  skip=done * t.batch_size)
             for i, batch in enumerate(loader, start=done + 1):
                 lr = learning_rate(t.lr, epoch * per_epoch + i - 1, per_epoch, epochs * per_epoch)
-                means = optimizer_step(step, batch, wrapped, optimizer, scaler, lr, device, t)
+                means = optimizer_step(step, batch, wrapped, optimizer, lr, device, t)
                 if not math.isfinite(means["loss"]):
                     raise TrainingError(
                         f"{stage}: loss is {means['loss']} at epoch {epoch + 1} step {i}; "
@@ -1099,11 +1074,12 @@ def train_stage(stage: str, nets: dict[str, torch.nn.Module], step, dataset: Dat
                     log(f"{stage} epoch {epoch + 1}/{epochs} step {i}/{per_epoch} {terms} | "
                         f"{ips:.1f} img/s | left {(total - seen) / ips:.0f} s")
                 if stop.set:
-                    for name, net in nets.items():
-                        save_checkpoint(paths[name], config, net, optimizer, epoch, False, step=i)
-                    raise Interrupted(stopped_message(stage, run, epoch, i))
-            for name, net in nets.items():
-                save_checkpoint(paths[name], config, net, optimizer, epoch + 1, epoch + 1 == epochs)
+                    save_checkpoint(path, config, net, optimizer, epoch, False, step=i)
+                    again = "segment --run" if stage.startswith("segment") else "train --resume"
+                    raise Interrupted(f"{stage}: stopped by Ctrl-C after epoch {epoch} step {i}; "
+                                      f"checkpoint written; `python wsss.py {again} {run}` "
+                                      f"continues from there")
+            save_checkpoint(path, config, net, optimizer, epoch + 1, epoch + 1 == epochs)
 
 # --- files: outputs that never replace what a command reads, masks, figures ------------------
 
@@ -1132,14 +1108,14 @@ def check_output(path: Path, force: bool, inputs: tuple = (), folders: tuple = (
     for item in (*inputs, *folders):
         item = real_path(Path(item))
         if out == item or out in item.parents:
-            raise DataError(f"{path}: is or holds {item}, which this command reads; "
+            raise UserError(f"{path}: is or holds {item}, which this command reads; "
                             f"choose another output folder")
     for folder in folders:
         if real_path(Path(folder)) in out.parents:
-            raise DataError(f"{path}: lies inside {folder}, which this command reads; "
+            raise UserError(f"{path}: lies inside {folder}, which this command reads; "
                             f"choose another output folder")
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
-        raise DataError(f"{path}: already exists (use --force to replace it)")
+        raise UserError(f"{path}: already exists (use --force to replace it)")
 
 def remove(path: Path) -> None:
     """Delete a folder or file (an old output that --force replaces); nothing if absent."""
@@ -1165,7 +1141,7 @@ def output_dir(path: Path, force: bool, inputs: tuple = (), folders: tuple = ())
     try:
         tmp.mkdir(parents=True)
     except OSError as e:
-        raise DataError(f"{path}: cannot be written ({e.strerror})") from None
+        raise UserError(f"{path}: cannot be written ({e.strerror})") from None
     try:
         yield tmp
     except BaseException:
@@ -1180,37 +1156,15 @@ def save_mask(mask: torch.Tensor, path: Path) -> None:
 def save_picture(rgb: torch.Tensor, path: Path, **options) -> None:
     Image.fromarray(rgb.permute(1, 2, 0).numpy()).save(path, **options)  # (3,H,W) -> (H,W,3)
 
-def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig,
-                       refine_config: RefineConfig, teacher, student, device: torch.device,
-                       amp: str, overlays: Path | None = None) -> dict | None:
-    """The split's pseudo masks into `out` (None: nowhere) at each file's own size, an overlay
-    grid, and the masks' scores when the dataset has ground truth."""
-    scores = postprocess.Scores(len(dataset.classes)) if dataset.has_masks else None
-    shown_rgb, shown_mask = [], []
-    for batch, masks in pseudo_masks(dataset, cam, refine_config, teacher, student, device,
-                                     amp):
-        for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
-            if out is not None:
-                size = tuple(batch["size"][i].tolist())
-                save_mask(postprocess.resize_mask(mask, size), out / f"{stem}.png")
-            if len(shown_rgb) < 16 and batch["label"][i].any():
-                shown_rgb.append(batch["rgb"][i])
-                shown_mask.append(mask)
-        if scores is not None:
-            score_batch(scores, masks, batch, dataset)
-    if overlays is not None and shown_rgb and world()[0] == 0:
-        save_picture(postprocess.mask_grid(shown_rgb, shown_mask, len(dataset.classes)), overlays)
-    return None if scores is None else gather_scores(scores).result()
-
 def evaluate_folder(dataset: "SmokeDataset", pred: Path) -> dict:
     """Scores of the masks pred/<stem>.png against the split's ground truth (full size)."""
     if not dataset.has_masks:
-        raise DataError(f"{dataset.root / 'masks'}: no ground-truth masks to evaluate against")
+        raise UserError(f"{dataset.root / 'masks'}: no ground-truth masks to evaluate against")
     scores = postprocess.Scores(len(dataset.classes))
     for i, sample in enumerate(dataset.samples):
         path = pred / f"{sample.stem}.png"
         if not path.is_file():
-            raise DataError(f"{path}: predicted mask missing for {sample.stem}")
+            raise UserError(f"{path}: predicted mask missing for {sample.stem}")
         item = dataset[i]
         size = (item["mask"].shape[1], item["mask"].shape[0])
         mask = torch.from_numpy(load_mask(path, size, len(dataset.classes)))
@@ -1394,7 +1348,7 @@ def ensure_default_data(path: Path) -> Path:
             synthesize(tmp, SynthConfig())
     made = path / "synth.json"
     if not made.is_file() or json.loads(made.read_text()) != dataclasses.asdict(SynthConfig()):
-        raise DataError(f"{path}: not the default synthetic dataset (other settings, or an "
+        raise UserError(f"{path}: not the default synthetic dataset (other settings, or an "
                         f"older default); `python wsss.py synth --out {path} --force` "
                         f"regenerates it")
     return path
@@ -1427,10 +1381,10 @@ def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig) -> dict:
     """
     for sub in ("img", "gt"):
         if not (src / sub).is_dir():
-            raise DataError(f"{src / sub}: folder not found (expected SMOKE5K's img/ and gt/)")
+            raise UserError(f"{src / sub}: folder not found (expected SMOKE5K's img/ and gt/)")
     photos = sorted(p for p in (src / "img").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not photos:
-        raise DataError(f"{src / 'img'}: no .jpg or .png photographs")
+        raise UserError(f"{src / 'img'}: no .jpg or .png photographs")
     (dst / "images").mkdir(parents=True)
     (dst / "masks").mkdir()
     (dst / "classes.txt").write_text("smoke\n")
@@ -1440,12 +1394,12 @@ def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig) -> dict:
     for photo in photos:
         gt_path = src / "gt" / (photo.stem + ".png")
         if not gt_path.is_file():
-            raise DataError(f"{gt_path}: ground truth missing for {photo.name}")
+            raise UserError(f"{gt_path}: ground truth missing for {photo.name}")
         image = load_image(photo)
         with Image.open(gt_path) as g:
             gt = np.array(g.convert("L")) > 127
         if gt.shape != (image.height, image.width):
-            raise DataError(f"{gt_path}: mask is {gt.shape[1]}x{gt.shape[0]} but its image is "
+            raise UserError(f"{gt_path}: mask is {gt.shape[1]}x{gt.shape[0]} but its image is "
                             f"{image.width}x{image.height}")
         if image.width < t or image.height < t:
             counts["skipped_photos"] += 1
@@ -1475,18 +1429,18 @@ def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig) -> dict:
 def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
     """Load a local weights file into `module`, saying what did not fit."""
     if not path.is_file():
-        raise DataError(f"{path}: weights file not found")
+        raise UserError(f"{path}: weights file not found")
     try:
         report = models.load_pretrained(module, models.read_state_dict(path))
     except ValueError as e:
-        raise DataError(f"{path}: {e}") from None
+        raise UserError(f"{path}: {e}") from None
     loaded = len(report.pop("loaded"))
     print(f"{what}: loaded {loaded} tensors from {path}")
     for kind, keys in report.items():
         if keys:
             print(f"  {kind} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
     if loaded == 0:
-        raise DataError(f"{path}: no tensor matches the {what}'s names")
+        raise UserError(f"{path}: no tensor matches the {what}'s names")
 
 # --- stage 3: a segmentation network trained on the pseudo masks ------------------------------
 
@@ -1510,13 +1464,13 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
     if seg.seg_targets == "pseudo":
         masks = Path(seg.seg_masks) if seg.seg_masks else run / "pseudo_train"
         if not masks.is_dir():
-            raise DataError(f"{masks}: no pseudo masks; `python wsss.py pseudo --run {run}` "
+            raise UserError(f"{masks}: no pseudo masks; `python wsss.py pseudo --run {run}` "
                             f"writes them")
     # Random flips, as every segmentation recipe; the pseudo masks flip with their images.
     dataset = SmokeDataset(config.data, "train", size=config.model.image_size, flip=True,
                            masks=masks)
     if not dataset.has_masks:
-        raise DataError(f"{Path(config.data) / 'masks'}: no ground-truth masks to train on")
+        raise UserError(f"{Path(config.data) / 'masks'}: no ground-truth masks to train on")
     torch.manual_seed(config.train.seed)
     net = build_segmenter(config.model.without_weights(), len(dataset.classes))
     if seg.seg_init == "run":  # the teacher's trained backbone (no ImageNet weights here)
@@ -1530,10 +1484,10 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
     stage = dataclasses.replace(config, train=dataclasses.replace(
         config.train, batch_size=seg.seg_batch_size, lr=seg.seg_lr))
 
-    def step(batch, nets):
-        return {"loss": losses.segmentation_loss(nets[name](batch["image"]), batch["mask"], IGNORE)}
+    def step(batch, net):
+        return {"loss": losses.segmentation_loss(net(batch["image"]), batch["mask"], IGNORE)}
 
-    train_stage(name, {name: net}, step, dataset, run, stage, seg.seg_epochs, device, log)
+    train_stage(name, net, step, dataset, run, stage, seg.seg_epochs, device, log)
     return freeze(net)
 
 def load_segmenter(run: Path, config: RunConfig, device: torch.device,
@@ -1544,7 +1498,7 @@ def load_segmenter(run: Path, config: RunConfig, device: torch.device,
         return None
     ckpt = load_checkpoint(path)
     if not ckpt["done"]:
-        raise DataError(f"{path}: stage 3 stopped before it finished; `python wsss.py segment "
+        raise UserError(f"{path}: stage 3 stopped before it finished; `python wsss.py segment "
                         f"--run {run}` continues it")
     net = build_segmenter(config.model.without_weights(), len(read_classes(Path(config.data))))
     restore(net, ckpt, path)
@@ -1579,19 +1533,19 @@ def find_images(paths: list[str], folder: str | None) -> list[Path]:
     if folder is not None:
         root = Path(folder)
         if not root.is_dir():
-            raise DataError(f"{root}: folder not found")
+            raise UserError(f"{root}: folder not found")
         # Broken links and link loops are kept: reading them fails, and they are reported.
         files = sorted(p for p in root.iterdir()
                        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.is_dir())
     else:
         files = [Path(p) for p in paths]
     if not files:
-        raise DataError(f"{folder or 'the command line'}: no images "
+        raise UserError(f"{folder or 'the command line'}: no images "
                         f"({', '.join(IMAGE_EXTENSIONS)})")
     seen: dict[str, Path] = {}
     for path in files:
         if path.stem in seen:
-            raise DataError(f"{path} and {seen[path.stem]}: two images named {path.stem!r} would "
+            raise UserError(f"{path} and {seen[path.stem]}: two images named {path.stem!r} would "
                             f"write one mask")
         seen[path.stem] = path
     return files
@@ -1605,7 +1559,7 @@ def cam_masks(config: RunConfig, teacher: models.Teacher, student: models.Studen
         logits = classifier(batch["image"].to(device))[0].float()
     batch = {**batch, "label": (torch.sigmoid(logits) > 0.5).float().cpu()}
     cams = batch_cams(batch, config.cam, config.refine, teacher, student, device, config.train.amp)
-    masks = refine(batch["rgb"], cams, config.cam, config.refine).cpu()
+    masks = pseudo_mask(batch["rgb"], cams, config.cam, config.refine).cpu()
     return [postprocess.resize_mask(m, size) for m, size in zip(masks, sizes)]
 
 def read_batch(files: list[Path], size: int) -> tuple[list, dict, list[str]]:
@@ -1616,7 +1570,7 @@ def read_batch(files: list[Path], size: int) -> tuple[list, dict, list[str]]:
         try:
             rgb = torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)  # -> (3,H,W)
             loaded.append((path, rgb))
-        except DataError as e:
+        except UserError as e:
             print(f"skipped {e}", flush=True)
             skipped.append(str(path))
     if not loaded:
@@ -1795,7 +1749,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         elif path.is_file():
             ckpt = load_checkpoint(path)
             if ckpt["done"]:
-                raise DataError(f"{path}: already trained (use --force to train it again)")
+                raise UserError(f"{path}: already trained (use --force to train it again)")
             return RunConfig.from_dict(ckpt["config"]).segment  # resume as it began
         return seg
 
@@ -1804,7 +1758,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     log = Log(run / "log.txt")
     log(f"segment {run}: " + json.dumps(dataclasses.asdict(config.segment)))
     net = train_segmenter(run, config, device, log)
-    if (Path(config.data) / "val.txt").is_file() and world()[0] == 0:
+    if (Path(config.data) / "val.txt").is_file() and rank_and_count()[0] == 0:
         out = run / f"{name}_val"
         fresh_output_dir(out, force=True)  # derived from the checkpoint: always rewritten
         scores = segment_split(net, config, "val", out, device)
@@ -1817,7 +1771,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     if bool(args.images) == bool(args.input):
-        raise DataError("name images, or a folder with --input (not both)")
+        raise UserError("name images, or a folder with --input (not both)")
     run = run_path(args.run)
     read_run_config(run)  # a wrong --run is named before any image is read
     files = find_images(args.images, args.input)
@@ -1877,7 +1831,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     pairs = [(root / "img" / (m.stem + ".jpg"), m) for m in masks]
     pairs = [(p, m) for p, m in pairs if p.is_file()]
     if not pairs:
-        raise DataError(f"{root}: no SMOKE5K-style img/*.jpg + gt/*.png pairs")
+        raise UserError(f"{root}: no SMOKE5K-style img/*.jpg + gt/*.png pairs")
     print(f"bench crf: {len(pairs)} photographs from {root} at 320x240, 2 classes, "
           f"{args.iters} iterations")
     images, truths = [], []
@@ -2063,7 +2017,7 @@ def main(argv: list[str] | None = None) -> int:
     code, message = 0, ""
     try:
         COMMANDS[args.command](args)
-    except DataError as e:
+    except UserError as e:
         code, message = 2, str(e)
     except TrainingError as e:
         code, message = 1, str(e)
@@ -2073,7 +2027,7 @@ def main(argv: list[str] | None = None) -> int:
         code, message = 130, "stopped by Ctrl-C"
     except OSError as e:  # an unwritable or impossible output, a full disk
         code, message = 2, (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}"
-    if code and world()[0] == 0:
+    if code and rank_and_count()[0] == 0:
         print(f"error: {message}", file=sys.stderr)
     if distributed_run:
         # gloo processes abort now and then in their exit handlers ("terminate called without
