@@ -1763,8 +1763,8 @@ def cmd_segment(args: argparse.Namespace) -> None:
         fresh_output_dir(out, force=True)  # derived from the checkpoint: always rewritten
         scores = segment_split(net, config, "val", out, device)
         if scores is not None:
-            log(postprocess.format_scores(f"stage 3 ({config.segment.seg_targets}) on val vs ground truth",
-                              scores))
+            log(postprocess.format_scores(
+                f"stage 3 ({config.segment.seg_targets}) on val vs ground truth", scores))
             (run / f"{name}_val.json").write_text(json.dumps(scores, indent=2) + "\n")
     log(f"wall time {time.perf_counter() - began:.0f} s; `python wsss.py predict --run {run} "
         f"--input DIR` segments new images")
@@ -1824,32 +1824,20 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     print(f"wrote {root / 'ablation.md'} in {time.perf_counter() - began:.0f} s")
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    """Our dense CRF against pydensecrf on SMOKE5K-style photographs at 320x240, from a
-    CAM-like input made from each photo's ground truth."""
+    """Our dense CRF against pydensecrf on SMOKE5K-style photographs (img/*.jpg, gt/*.png)."""
     root = Path(args.photos)
     masks = sorted((root / "gt").glob("*.png"))[: args.n] if (root / "gt").is_dir() else []
-    pairs = [(root / "img" / (m.stem + ".jpg"), m) for m in masks]
-    pairs = [(p, m) for p, m in pairs if p.is_file()]
+    pairs = [(root / "img" / f"{m.stem}.jpg", m) for m in masks]
+    pairs = [(image, mask) for image, mask in pairs if image.is_file()]
     if not pairs:
         raise UserError(f"{root}: no SMOKE5K-style img/*.jpg + gt/*.png pairs")
     print(f"bench crf: {len(pairs)} photographs from {root} at 320x240, 2 classes, "
           f"{args.iters} iterations")
-    images, truths = [], []
-    for image_path, mask_path in pairs:
-        image = load_image(image_path).resize((320, 240), Image.BILINEAR)
-        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))  # (H,W,3) -> (3,H,W)
-        with Image.open(mask_path) as m:
-            truth = np.array(m.convert("L").resize((320, 240), Image.NEAREST)) > 127
-        truths.append(torch.from_numpy(truth).long())
-    for row in postprocess.bench_dense_crf(images, truths, args.iters, args.batch):
-        print(f"{row['settings']}\n"
-              f"  time per image (1 thread, median): ours {row['ours_ms']:.0f} ms, pydensecrf "
-              f"{row['pydensecrf_ms']:.0f} ms, ratio {row['ours_ms'] / row['pydensecrf_ms']:.2f}\n"
-              f"  ours batched ({args.batch} a batch, {torch.get_num_threads()} threads): "
-              f"{row['batched_ips']:.1f} images/s\n"
-              f"  label agreement with pydensecrf: {row['agreement']:.2f} % of pixels\n"
-              f"  smoke IoU vs ground truth: before CRF {row['iou_before']:.2f}, after "
-              f"pydensecrf {row['iou_pydensecrf']:.2f}, after ours {row['iou_ours']:.2f}")
+    images = [load_image(image).resize((320, 240), Image.BILINEAR) for image, _ in pairs]
+    truths = [Image.open(mask).convert("L").resize((320, 240), Image.NEAREST) for _, mask in pairs]
+    postprocess.bench_dense_crf([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images],
+                                [torch.from_numpy(np.array(t) > 127).long() for t in truths],
+                                args.iters, args.batch)
 
 # --- the command line ------------------------------------------------------------------------
 
