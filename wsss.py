@@ -1792,15 +1792,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result = evaluate_folder(dataset, Path(args.pred))
     if args.json:
         return print(json.dumps(result))
-    print(f"{len(dataset)} images of {args.data} {args.split} vs {args.pred}")
-    for name, iou in zip(["background", *dataset.classes], result["per_class_iou"]):
-        print(f"  IoU {name:12s} {iou:6.2f}")
-    for key, label in (("miou", "mIoU"), ("precision", "smoke precision"),
-                       ("recall", "smoke recall (coverage)"), ("boundary_f1", "boundary F1 (2 px)"),
-                       ("image_iou", "smoke IoU per image"),
-                       ("context_fp", "chimney pixels called smoke %")):
-        value = result[key]
-        print(f"  {label:30s} " + ("   n/a" if math.isnan(value) else f"{value:6.2f}"))
+    print(postprocess.format_scores(f"{len(dataset)} images of {args.data} {args.split} vs "
+                                    f"{args.pred}", result))
+    print("  IoU per class: " + "  ".join(
+        f"{name} {iou:.1f}" for name, iou in zip(["background", *dataset.classes],
+                                                  result["per_class_iou"])))
 
 def cmd_ablate(args: argparse.Namespace) -> None:
     began = time.perf_counter()
