@@ -374,11 +374,16 @@ class PixelCorrelation(nn.Module):
         aff = aff / (aff.sum(dim=1, keepdim=True) + 1e-5)  # each column sums to one
         return (cam.flatten(2) @ aff).reshape(B, K, h, w)  # (B,K,hw) @ (B,hw,hw) -> (B,K,h,w)
 
-def pool_maps(maps: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+def pool_maps(maps: torch.Tensor, share: float = 1.0, window: int = 1) -> torch.Tensor:
     """Class maps (B, K, h, w) -> logits (B, K): the mean of each map's top `share` of
     locations; share = 1 is global average pooling (the CAM of Zhou et al. 2016). A smaller
     share scores an image by its strongest region, so a small object need not light the
-    whole map (top-k pooling, as in WILDCAT, Durand et al. 2017)."""
+    whole map (top-k pooling, as in WILDCAT, Durand et al. 2017). With window > 1 a location
+    is first replaced by the mean of its window x window neighbourhood, so a region scores
+    and a lone strong location does not."""
+    if window > 1:
+        maps = F.avg_pool2d(maps, window, stride=1, padding=window // 2,
+                            count_include_pad=False)
     flat = maps.flatten(2)  # (B, K, h, w) -> (B, K, hw)
     if share >= 1:
         return flat.mean(dim=-1)
@@ -418,16 +423,16 @@ class Student(nn.Module):
 
     head="token": the ViT's own class-token head (the paper; timm checkpoints load into
       `student.backbone` with it);
-    head="cam": logits = pool_maps(projected class maps, pool), a CAM classifier, as the
-      teacher; then the map the alignment shapes is the map that becomes the mask.
+    head="cam": logits = pool_maps(projected class maps, pool, window), a CAM classifier, as
+      the teacher; then the map the alignment shapes is the map that becomes the mask.
     """
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token",
-                 pool: float = 1.0):
+                 pool: float = 1.0, window: int = 1):
         super().__init__()
         if head not in ("token", "cam"):
             raise ValueError(f"head must be 'token' or 'cam', got {head!r}")
-        self.pool = pool
+        self.pool, self.window = pool, window
         self.backbone = backbone
         self.head = head
         self.proj = nn.Conv2d(backbone.embed_dim, 1 + num_classes, 1)
@@ -440,7 +445,7 @@ class Student(nn.Module):
         """Normed tokens (B, 1+N, D) -> logits (B, K), maps (B, 1+K, h, w)."""
         maps = self.proj(self.tokens_to_map(tokens, h, w))
         if self.head == "cam":
-            return pool_maps(maps[:, 1:], self.pool), maps
+            return pool_maps(maps[:, 1:], self.pool, self.window), maps
         return self.backbone.forward_head(tokens), maps
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -535,10 +535,19 @@ def test_pool_maps_is_the_mean_of_the_strongest_locations():
     brute = torch.tensor([[sorted(m.flatten().tolist())[-4:] for m in image] for image in maps])
     assert torch.allclose(models.pool_maps(maps, 0.2), brute.mean(-1))  # 0.2 * 20 = 4 places
     assert torch.allclose(models.pool_maps(maps, 1e-3), maps.amax(dim=(2, 3)))  # at least one
+    local = torch.zeros_like(maps)  # window 3: each location's mean over its in-map 3x3
+    for y in range(5):
+        for x in range(4):
+            local[..., y, x] = maps[..., max(0, y - 1):y + 2, max(0, x - 1):x + 2].mean((-2, -1))
+    assert torch.allclose(models.pool_maps(maps, 0.2, window=3), models.pool_maps(local, 0.2))
     teacher = models.Teacher(models.resnet18(output_stride=8, width=8, num_classes=0), 1,
                              pool=0.25)
     logits, cams = teacher(torch.randn(2, 3, 32, 32))
     assert torch.allclose(logits, models.pool_maps(cams, 0.25))
+    student = models.Student(models.vit_tiny(img_size=32, patch_size=8, depth=1, num_classes=0),
+                             1, head="cam", pool=0.25, window=3)
+    logits, maps = student(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(logits, models.pool_maps(maps[:, 1:], 0.25, window=3))
 
 
 def test_bad_weights_files(tmp_path):

@@ -89,6 +89,10 @@ class ModelConfig:
         0.03, "CAM classifiers score a class by the mean of this share of its map's strongest "
         "locations (1 = global average pooling, the paper; 0.03 was picked on the synthetic "
         "validation split)", above=0, at_most=1)
+    student_window: int = setting(
+        1, "the CAM-head student pools the means of window x window neighbourhoods of its map, "
+        "so a region of patches scores and a lone patch does not (1 = single patches, as the "
+        "teacher, whose convolutions already smooth its map)", choices=(1, 3, 5))
     patch_size: int = setting(8, "student patch size in pixels", at_least=1)
     image_size: int = setting(128, "training image side in pixels", at_least=16)
     teacher_weights: str = setting("", "local file of pretrained teacher weights (torchvision "
@@ -428,7 +432,8 @@ def build_student(config: ModelConfig, num_classes: int) -> models.Student:
         num_classes=head_classes, stem=config.student_stem)
     if config.student_weights:
         load_weights(backbone, Path(config.student_weights), "student")
-    return models.Student(backbone, num_classes, head=config.student_head, pool=config.pool)
+    return models.Student(backbone, num_classes, head=config.student_head, pool=config.pool,
+                          window=config.student_window)
 
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
     """Eval mode (BatchNorm statistics fixed) and no gradients: the frozen teacher, or any
