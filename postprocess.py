@@ -504,9 +504,8 @@ def crf_reference(image: np.ndarray, prob: np.ndarray, iters: int, settings: dic
 
 def bench_dense_crf(images: list[torch.Tensor], truths: list[torch.Tensor], iters: int,
                     batch: int) -> list[dict]:
-    """Per setting, printed and returned: ours and pydensecrf one image at a time (one thread
-    each, median ms), ours batched (images/s), their label agreement, and smoke IoU before and
-    after each CRF.
+    """Per setting: ours and pydensecrf one image at a time (one thread each, median ms), ours
+    batched (images/s), their label agreement, and smoke IoU before and after each CRF.
     images: (3, H, W) uint8; truths: (H, W) {0, 1}; the CRF's input is cam_like(truth)."""
     probs = [torch.stack([1 - cam, cam]) for cam in (cam_like(t, k) for k, t in enumerate(truths))]
     threads, nan, rows = torch.get_num_threads(), float("nan"), []
@@ -533,19 +532,9 @@ def bench_dense_crf(images: list[torch.Tensor], truths: list[torch.Tensor], iter
         for i in range(0, len(images), batch):
             dense_crf(torch.stack(images[i:i + batch]), torch.stack(probs[i:i + batch]),
                       iters=iters, **settings)
-        row = {"settings": name, "batched_ips": len(images) / (time.perf_counter() - start),
-               **{f"{k}_ms": float(np.median(v)) if v else nan for k, v in ms.items()},
-               "agreement": 100 * float(np.mean(agree)) if agree else nan,
-               **{f"iou_{k}": s.result()["smoke_iou"] if s.image_ious else nan
-                  for k, s in scores.items()}}
-        print(f"{name}\n"
-              f"  time per image (1 thread, median): ours {row['ours_ms']:.0f} ms, pydensecrf "
-              f"{row['pydensecrf_ms']:.0f} ms, ratio {row['ours_ms'] / row['pydensecrf_ms']:.2f}\n"
-              f"  ours batched ({batch} a batch, {threads} threads): "
-              f"{row['batched_ips']:.1f} images/s\n"
-              f"  label agreement with pydensecrf: {row['agreement']:.2f} % of pixels\n"
-              f"  smoke IoU vs ground truth: before CRF {row['iou_before']:.2f}, after "
-              f"pydensecrf {row['iou_pydensecrf']:.2f}, after ours {row['iou_ours']:.2f}",
-              flush=True)
-        rows.append(row)
+        rows.append({"settings": name, "batched_ips": len(images) / (time.perf_counter() - start),
+                     **{f"{k}_ms": float(np.median(v)) if v else nan for k, v in ms.items()},
+                     "agreement": 100 * float(np.mean(agree)) if agree else nan,
+                     **{f"iou_{k}": s.result()["smoke_iou"] if s.image_ious else nan
+                        for k, s in scores.items()}})
     return rows
