@@ -114,13 +114,12 @@ def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Te
                                align_corners=False)
     return F.l1_loss(normalize_maps(map_of_transformed), normalize_maps(target))
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int = 255
-                      ) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
     """Stage 3: per-pixel cross-entropy on (pseudo) masks, averaged over labelled pixels.
 
-    L_seg = -1/|V| sum_{p in V} log softmax(z_p)[y_p],  V = pixels with y_p != ignore.
-    logits: (B, K+1, H, W); target: (B, H, W) class indices. 0 when no pixel is labelled
-    (a batch of all-ignore masks), not the NaN of an empty mean.
+    L_seg = -1/|V| sum_{p in V} log softmax(z_p)[y_p],  V = pixels with y_p != ignore
+    (postprocess.IGNORE). logits: (B, K+1, H, W); target: (B, H, W) class indices. 0 when no
+    pixel is labelled (a batch of all-ignore masks), not the NaN of an empty mean.
     """
     total = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore, reduction="sum")
     return total / (target != ignore).sum().clamp(min=1)

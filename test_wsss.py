@@ -1046,8 +1046,8 @@ def test_segmentation_loss_ignores_255_and_is_zero_without_labels():
     target = torch.randint(0, 3, (2, 5, 5))
     target[0, :2] = 255
     expected = F.cross_entropy(logits, target, ignore_index=255)
-    assert torch.allclose(losses.segmentation_loss(logits, target), expected, atol=1e-6)
-    assert losses.segmentation_loss(logits, torch.full((2, 5, 5), 255)) == 0
+    assert torch.allclose(losses.segmentation_loss(logits, target, postprocess.IGNORE), expected, atol=1e-6)
+    assert losses.segmentation_loss(logits, torch.full((2, 5, 5), 255), postprocess.IGNORE) == 0
 
 
 def test_segmenter_overfits_one_batch():
@@ -1061,7 +1061,7 @@ def test_segmenter_overfits_one_batch():
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     for _ in range(40):
         logits = net(x)
-        loss = losses.segmentation_loss(logits, y)
+        loss = losses.segmentation_loss(logits, y, postprocess.IGNORE)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
