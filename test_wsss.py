@@ -651,6 +651,30 @@ def test_alignment_gradient_reaches_only_the_student():
     assert student.proj.weight.grad.abs().sum() > 0
 
 
+def test_feature_guidance_reads_the_chosen_block_and_trains_only_the_student():
+    teacher = wsss.freeze(tiny_teacher(pcm=False))
+    channels = teacher.backbone.num_features
+    torch.manual_seed(0)
+    plain = tiny_student()
+    torch.manual_seed(0)
+    student = tiny_student()
+    student = models.Student(student.backbone, 2, guide=(channels, 1))
+    x = torch.randn(2, 3, 32, 32)
+    logits, maps, guide = student(x, guided=True)
+    assert torch.allclose(logits, plain(x)[0], atol=1e-6) and guide.shape == (2, channels, 4, 4)
+    vit = student.backbone
+    tokens, _ = vit.blocks[0](vit.embed(x))  # the tokens after block 1, projected
+    assert torch.allclose(guide, student.guide(student.tokens_to_map(tokens, 4, 4)), atol=1e-6)
+    config = wsss.LossConfig(feature_weight=1.0, feature_block=1, consistency_weight=0.0)
+    terms = wsss.student_loss(student, teacher, x, torch.ones(2, 2), config)
+    features = teacher(x, return_features=True)[2]  # (B, C, 4, 4): the last stage's
+    expected = losses.alignment_loss(guide, features, "cosine", "spatial")
+    assert torch.allclose(terms["feat"], expected, atol=1e-6)
+    terms["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert student.guide.weight.grad.abs().sum() > 0
+
+
 def test_consistency_loss_zero_for_equivariant_maps():
     maps = torch.linspace(0, 1, 8).expand(2, 1, 8, 8)  # a left-to-right ramp
     aug = losses.flip_and_resize(maps, (6, 6), flip=True)
@@ -668,15 +692,18 @@ def test_consistency_loss_zero_for_equivariant_maps():
 def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY,
-                             "--consistency-weight", 0.5, "--baseline")
+                             "--consistency-weight", 0.5, "--feature-weight", 0.5,
+                             "--feature-block", 1, "--baseline")
     assert code == 0, err
     assert "student epoch 2/2 step 3/3 cls" in out and "align" in out and "cons" in out
+    assert "feat" in out
     config = wsss.RunConfig.from_dict(wsss.json.loads((run / "config.json").read_text()))
     assert config.model.image_size == 32 and config.cam.cam_scales == (1.0,)
-    for name, build in (("teacher", wsss.build_teacher), ("student", wsss.build_student)):
+    for name in ("teacher", "student"):
         ckpt = wsss.load_checkpoint(run / f"{name}.pt")
         assert ckpt["epoch"] == 2 and ckpt["done"] and ckpt["config"] == config.to_dict()
-        build(config.model, 1).load_state_dict(ckpt["model"])
+    _, _, student = wsss.load_run(run, torch.device("cpu"))  # with its guidance projection
+    assert student.guide is not None and student.guide_block == 1
     assert len(list((run / "pseudo_train").glob("*.png"))) == 12
     assert (run / "overlays.png").is_file() and "student epoch" in (run / "log.txt").read_text()
     # The run ends with the three networks scored side by side on the validation split.
@@ -1046,7 +1073,8 @@ def test_segmentation_loss_ignores_255_and_is_zero_without_labels():
     target = torch.randint(0, 3, (2, 5, 5))
     target[0, :2] = 255
     expected = F.cross_entropy(logits, target, ignore_index=255)
-    assert torch.allclose(losses.segmentation_loss(logits, target, postprocess.IGNORE), expected, atol=1e-6)
+    loss = losses.segmentation_loss(logits, target, postprocess.IGNORE)
+    assert torch.allclose(loss, expected, atol=1e-6)
     assert losses.segmentation_loss(logits, torch.full((2, 5, 5), 255), postprocess.IGNORE) == 0
 
 
@@ -1177,6 +1205,7 @@ BAD_TRAIN_FLAGS = [
     ("--cam-network", "foo"), ("--cam-method", "foo"), ("--background", "foo"),
     ("--amp", "foo"), ("--teacher", "foo"), ("--student-head", "foo"),
     ("--crop", "0"), ("--image-size", "100"),  # not a multiple of the patch size
+    ("--feature-block", "7 --feature-weight 1"),  # the default student has 6 blocks
 ] + ([] if wsss.torch.cuda.is_available() else [("--device", "cuda")])
 
 
@@ -1184,7 +1213,8 @@ BAD_TRAIN_FLAGS = [
 def test_bad_train_settings_stop_before_any_folder(flag, value, tmp_path, synth_dir, capsys):
     run = tmp_path / "run"
     with pytest.raises(SystemExit) if value in ("foo", "5") else contextlib.nullcontext() as e:
-        code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, flag, value)
+        code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, flag,
+                               *value.split())
     if e is not None:  # the parser's choices: argparse exits 2 with one line
         code, err = e.value.code, capsys.readouterr().err
     assert code == 2 and one_line_error(err, flag.split("-")[-1]), err
