@@ -448,6 +448,14 @@ def test_vit_matches_torchvision_after_conversion():
         assert (ours.forward_head(tokens) - theirs(x)).abs().max() <= 1e-5
     assert len(attn) == 2 and attn[0].shape == (3, 2, 17, 17)
     assert torch.allclose(attn[0].sum(-1), torch.ones(3, 2, 17))
+    # On the CPU in bfloat16 the written-out path trains: its gradients are the float32 ones.
+    x.requires_grad_(True)
+    grad32, = torch.autograd.grad(ours(x).sum(), x)
+    with torch.autocast("cpu", torch.bfloat16):
+        out16 = ours(x)
+    grad16, = torch.autograd.grad(out16.float().sum(), x)
+    assert (out16.float() - theirs(x)).abs().max() <= 0.1
+    assert torch.nn.functional.cosine_similarity(grad16.flatten(), grad32.flatten(), 0) > 0.99
 
 
 def test_vit_names_are_timms_and_pos_embed_resamples():
