@@ -11,7 +11,7 @@
 import torch
 import torch.nn.functional as F
 
-ALIGN_KINDS = ("cosine", "l1", "l2", "norm-l1")
+ALIGN_KINDS = ("cosine", "l1", "l2")
 ALIGN_REDUCES = ("global", "channel", "spatial")
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -35,12 +35,7 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
           the image lacks, adds a constant 1 and no gradient);
         reduce="spatial": one vector a (image, location), its C channel values.
       l1: L = mean |S - T|;  l2: L = mean (S - T)^2  (over all elements: every reduction
-        of an element-wise distance gives this same mean);
-      norm-l1: L = mean |n(S) - T|, n(S) = ReLU(S) / (max ReLU(S) + 1): the student's map is
-        read out normalised, so its shape is asked for, not its scale (a CAM classifier's
-        scale is its logit). The + 1 bounds the gradient of a near-zero map (with a tiny eps
-        it grows as 1 / max and can drive the map to empty); trained maps peak far above 1.
-        For the normalised "pair" target.
+        of an element-wise distance gives this same mean).
     """
     if kind not in ALIGN_KINDS:
         raise ValueError(f"kind must be one of {ALIGN_KINDS}, got {kind!r}")
@@ -50,8 +45,6 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
     t = F.interpolate(teacher_map.detach().float(), size=s.shape[-2:], mode="bilinear",
                       align_corners=False)
     if kind != "cosine":
-        if kind == "norm-l1":
-            return F.l1_loss(normalize_maps(s, eps=1.0), t)
         return F.l1_loss(s, t) if kind == "l1" else F.mse_loss(s, t)
     B, C = s.shape[:2]
     if reduce == "global":

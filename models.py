@@ -414,15 +414,12 @@ class Teacher(nn.Module):
             c3 = (stage3.bn3 if isinstance(stage3, Bottleneck) else stage3.bn2).num_features
             self.pcm = PixelCorrelation(c3 + backbone.num_features)
 
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        """-> logits (B, K), maps (B, K, h, w), and with return_features the last stage's
-        features (B, C, h, w) (the target of feature guidance)."""
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits (B, K), maps (B, K, h, w)."""
         stages = self.backbone.forward_stages(x)
         maps = self.classifier(stages[-1])  # (B,C,h,w) -> (B,K,h,w)
         if self.pcm is not None:
             maps = maps + self.pcm(maps, x, stages[2:])
-        if return_features:
-            return pool_maps(maps, self.pool), maps, stages[-1]
         return pool_maps(maps, self.pool), maps
 
 class Student(nn.Module):
@@ -433,14 +430,10 @@ class Student(nn.Module):
       `student.backbone` with it);
     head="cam": logits = pool_maps(projected class maps, pool, window), a CAM classifier, as
       the teacher; then the map the alignment shapes is the map that becomes the mask.
-
-    guide=(C, b): feature guidance (Li et al. 2022, "Locality Guidance for Improving Vision
-    Transformers on Tiny Datasets"): the tokens after block b, 1x1-projected to the teacher's
-    C channels, are matched to its features; forward(x, guided=True) also returns them.
     """
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token",
-                 pool: float = 1.0, window: int = 1, guide: tuple[int, int] | None = None):
+                 pool: float = 1.0, window: int = 1):
         super().__init__()
         if head not in ("token", "cam"):
             raise ValueError(f"head must be 'token' or 'cam', got {head!r}")
@@ -448,10 +441,6 @@ class Student(nn.Module):
         self.backbone = backbone
         self.head = head
         self.proj = nn.Conv2d(backbone.embed_dim, 1 + num_classes, 1)
-        self.guide, self.guide_block = None, 0
-        if guide is not None:  # made last, so that the other weights start as without it
-            self.guide = nn.Conv2d(backbone.embed_dim, guide[0], 1)
-            self.guide_block = guide[1]
 
     def tokens_to_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # -> (B,D,h,w)
@@ -464,20 +453,11 @@ class Student(nn.Module):
             return pool_maps(maps[:, 1:], self.pool, self.window), maps
         return self.backbone.forward_head(tokens), maps
 
-    def forward(self, x: torch.Tensor, guided: bool = False):
-        """-> logits (B, K), maps (B, 1+K, h, w), and with guided the projected tokens after
-        block b, (B, C, h, w)."""
-        vit, p = self.backbone, self.backbone.patch_size
-        h, w = x.shape[2] // p, x.shape[3] // p
-        if not guided:
-            return self.forward_head(vit.forward_features(x), h, w)
-        tokens = vit.embed(x)
-        for block in vit.blocks[:self.guide_block]:
-            tokens, _ = block(tokens)
-        guide = self.guide(self.tokens_to_map(tokens, h, w))  # (B,D,h,w) -> (B,C,h,w)
-        for block in vit.blocks[self.guide_block:]:
-            tokens, _ = block(tokens)
-        return (*self.forward_head(vit.norm(tokens), h, w), guide)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> logits (B, K), maps (B, 1+K, h, w)."""
+        p = self.backbone.patch_size
+        return self.forward_head(self.backbone.forward_features(x), x.shape[2] // p,
+                                 x.shape[3] // p)
 
     def gradcam(self, x: torch.Tensor) -> torch.Tensor:
         """Grad-CAM (Selvaraju et al. 2017) of the last block's norm1 tokens, the layer the

@@ -134,9 +134,7 @@ class LossConfig:
     align_weight: float = setting(1.0, "lambda, the weight of L_align (0 = the student alone)",
                                   at_least=0)
     align_kind: str = setting(
-        "cosine", "distance of L_align: cosine (the paper), l1, l2, or norm-l1 (L1 to the "
-        "student's map over its max + 1: its shape, not its scale; for the pair target)",
-        choices=losses.ALIGN_KINDS)
+        "cosine", "distance of L_align: cosine (the paper), l1 or l2", choices=losses.ALIGN_KINDS)
     align_reduce: str = setting(
         "channel", "cosine over the whole map (the paper), each channel's map (so that the "
         "small smoke channel counts as much as the background), or each location's channels",
@@ -148,12 +146,6 @@ class LossConfig:
                                         "consistency of the student's map", at_least=0)
     consistency_scale: float = setting(0.75, "rescale factor of L_cons's augmented view",
                                        above=0)
-    feature_weight: float = setting(
-        0.0, "weight of L_feat, feature guidance (Li et al. 2022): the student's tokens after "
-        "--feature-block, 1x1-projected, matched per location to the teacher's last-stage "
-        "features by cosine (0 = off, the paper)", at_least=0)
-    feature_block: int = setting(3, "the student block whose tokens feature guidance reads",
-                                 at_least=1)
 
 @dataclass
 class CamConfig:
@@ -431,10 +423,8 @@ def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
         load_weights(backbone, Path(config.teacher_weights), "teacher")
     return models.Teacher(backbone, num_classes, pcm=config.pcm, pool=config.pool)
 
-def build_student(config: ModelConfig, num_classes: int,
-                  guide: tuple[int, int] | None = None) -> models.Student:
-    """A ViT whose patch tokens, projected, give a (background, class 1..K) map; `guide`:
-    (teacher channels, block) for feature guidance (see `guide_of`)."""
+def build_student(config: ModelConfig, num_classes: int) -> models.Student:
+    """A ViT whose patch tokens, projected, give a (background, class 1..K) map."""
     # A CAM-head student classifies with its projected map: no class-token head to train.
     head_classes = num_classes if config.student_head == "token" else 0
     backbone = getattr(models, config.student)(
@@ -443,14 +433,7 @@ def build_student(config: ModelConfig, num_classes: int,
     if config.student_weights:
         load_weights(backbone, Path(config.student_weights), "student")
     return models.Student(backbone, num_classes, head=config.student_head, pool=config.pool,
-                          window=config.student_window, guide=guide)
-
-def guide_of(config: RunConfig, teacher: models.Teacher) -> tuple[int, int] | None:
-    """What the aligned student's feature-guidance projection maps to: (the teacher's last-stage
-    channels, the block read), or None when L_feat is off."""
-    if config.loss.feature_weight == 0:
-        return None
-    return teacher.backbone.num_features, config.loss.feature_block
+                          window=config.student_window)
 
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
     """Eval mode (BatchNorm statistics fixed) and no gradients: the frozen teacher, or any
@@ -471,23 +454,17 @@ def teacher_loss(batch: dict, teacher: models.Teacher) -> dict:
 
 def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
                  images: torch.Tensor, labels: torch.Tensor, config: LossConfig) -> dict:
-    """L = L_cls + lambda * L_align + mu * L_cons (+ w * L_feat) for one batch: the paper's
-    objective with its consistency regularization. `teacher`: frozen, or None for the student
-    alone."""
-    guided = teacher is not None and config.feature_weight > 0
-    # (B, K), (B, 1+K, h, w) with the background channel first, and the guided tokens
-    logits, maps, *guide = student(images, guided=True) if guided else student(images)
+    """L = L_cls + lambda * L_align + mu * L_cons for one batch: the paper's objective with its
+    consistency regularization. `teacher`: frozen, or None for the student alone."""
+    logits, maps = student(images)  # (B, K), (B, 1+K, h, w) with the background channel first
     terms = {"cls": losses.classification_loss(logits, labels)}
-    if teacher is not None and (config.align_weight > 0 or guided):
-        with torch.no_grad():  # the teacher only gives the targets
-            _, teacher_maps, features = teacher(images, return_features=True)  # (B, K|C, h, w)
     if teacher is not None and config.align_weight > 0:
+        with torch.no_grad():  # the frozen teacher only gives the target
+            _, teacher_maps = teacher(images)  # (B, K, h, w)
         target = losses.alignment_target(teacher_maps, labels, config.align_target)
         aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
         terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
                                                config.align_reduce)
-    if guided:  # one cosine a location: the teacher's local features, not its class map
-        terms["feat"] = losses.alignment_loss(guide[0], features, "cosine", "spatial")
     if config.consistency_weight > 0:  # the map of a flipped, rescaled view = that view's map
         p = getattr(student, "module", student).backbone.patch_size
         side = max(p, round(images.shape[-1] * config.consistency_scale / p) * p)
@@ -496,8 +473,7 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
         terms["cons"] = losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
             maps[:, 1:], maps_aug.shape[-2:], flip))
     terms["loss"] = (terms["cls"] + config.align_weight * terms.get("align", 0.0)
-                     + config.consistency_weight * terms.get("cons", 0.0)
-                     + config.feature_weight * terms.get("feat", 0.0))
+                     + config.consistency_weight * terms.get("cons", 0.0))
     return terms
 
 def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
@@ -506,7 +482,7 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
     k = len(dataset.classes)
     torch.manual_seed(config.train.seed)
     teacher = build_teacher(config.model, k).to(device)
-    student = build_student(config.model, k, guide_of(config, teacher)).to(device)
+    student = build_student(config.model, k).to(device)
     log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
         f"parameters; student {config.model.student}: "
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
@@ -727,12 +703,6 @@ def check_run_config(config: RunConfig) -> None:
     if m.student_stem == "conv" and m.patch_size & (m.patch_size - 1):
         raise UserError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
                         f"(or --student-stem patch)")
-    if config.loss.align_kind == "norm-l1" and config.loss.align_target == "raw":
-        raise UserError("--align-kind norm-l1 compares normalised maps: it needs --align-target "
-                        "pair (or --align-kind cosine)")
-    if config.loss.feature_weight > 0 and config.loss.feature_block > m.student_depth:
-        raise UserError(f"--feature-block {config.loss.feature_block}: the student has "
-                        f"{m.student_depth} blocks (--student-depth)")
     pick_device(config.train.device)  # the device is present
 
 def describe(config: RunConfig) -> str:
@@ -798,8 +768,7 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
     config = read_run_config(run)
     num_classes = len(read_classes(Path(config.data)))
     teacher = build_teacher(config.model.without_weights(), num_classes)
-    student = build_student(config.model.without_weights(), num_classes,
-                            guide_of(config, teacher))
+    student = build_student(config.model.without_weights(), num_classes)
     for name, net in (("teacher", teacher), ("student", student)):
         path = checkpoint_path(run, name)
         restore(net, load_checkpoint(path), path)
@@ -1649,7 +1618,6 @@ ABLATION_ROWS = {
     "global": ("aligned student, cosine global", {"align_reduce": "global"}, {}),
     "window1": ("aligned student, single-patch pooling", {"student_window": 1}, {}),
     "spatial": ("aligned student, cosine spatial", {"align_reduce": "spatial"}, {}),
-    "norm-l1": ("aligned student, normalised L1", {"align_kind": "norm-l1"}, {}),
     "l1": ("aligned student, L1 global", {"align_kind": "l1"}, {}),
     "l2": ("aligned student, L2 global", {"align_kind": "l2"}, {}),
     "lambda0.3": ("λ = 0.3", {"align_weight": 0.3}, {}),
