@@ -665,6 +665,22 @@ def test_consistency_loss_zero_for_equivariant_maps():
 # Training: tiny end-to-end runs, resume, torchrun
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_optimizer_step_clips_the_gradient_norm(clip):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    before = torch.cat([p.detach().flatten() for p in net.parameters()])
+    x = torch.randn(8, 4) * 10  # a large gradient
+    step = lambda batch, n: {"loss": (n(batch["image"]) ** 2).mean()}
+    grad = torch.autograd.grad(step({"image": x}, net)["loss"], list(net.parameters()))
+    norm = torch.cat([g.flatten() for g in grad]).norm()
+    config = wsss.TrainConfig(clip_grad=clip, amp="off")
+    optimizer = torch.optim.SGD(net.parameters(), lr=1.0)
+    wsss.optimizer_step(step, {"image": x}, net, optimizer, 1.0, torch.device("cpu"), config)
+    moved = (torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm()
+    assert norm > 1 and torch.isclose(moved, norm if clip == 0 else torch.tensor(clip))
+
+
 def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY,

@@ -115,6 +115,8 @@ class TrainConfig:
     teacher_lr: float = setting(2e-4, "the same for the teacher (2e-4 was picked on the "
                                 "synthetic validation split)", above=0)
     weight_decay: float = setting(0.05, "AdamW weight decay", at_least=0)
+    clip_grad: float = setting(1.0, "stage 2: clip the students' gradient to this global norm, "
+                               "as ViT recipes do (0 = off, the paper)", at_least=0)
     flip: bool = setting(True, "random horizontal flips (the paper: none)")
     crop: float = setting(0.7, "random resized crops keep at least this share of the image "
                           "(1 = none, the paper)", above=0, at_most=1)
@@ -239,7 +241,7 @@ def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
 FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, flip=False, crop=1.0,
                 align_target="raw", align_reduce="global", consistency_weight=0.0,
                 cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0), threshold=0.3,
-                teacher_lr=5e-4)  # one learning rate for both stages, as the paper
+                teacher_lr=5e-4, clip_grad=0.0)  # one learning rate, no clipping: the paper
 PRESETS = {
     "cpu": {},
     "quick": dict(image_size=64, teacher_epochs=2, student_epochs=2),
@@ -489,8 +491,9 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
     log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
         f"parameters; student {config.model.student}: "
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
-    stage1 = dataclasses.replace(config, train=dataclasses.replace(config.train,
-                                                                   lr=config.train.teacher_lr))
+    # --lr and --clip-grad are the students' (stage 2); the teacher has its own rate, unclipped
+    stage1 = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, lr=config.train.teacher_lr, clip_grad=0.0))
     train_stage("teacher", teacher, teacher_loss, dataset, run, stage1,
                 config.train.teacher_epochs, device, log)
     freeze(teacher)
@@ -1032,6 +1035,8 @@ def optimizer_step(step, batch: dict, net: torch.nn.Module, optimizer: torch.opt
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        if t.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), t.clip_grad)
         optimizer.step()
     return means
 
@@ -1489,7 +1494,7 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
         f"parameters, from {seg.seg_init}, on {masks or 'the ground-truth masks'}")
     name = SEGMENT_CHECKPOINTS[seg.seg_targets]
     stage = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, batch_size=seg.seg_batch_size, lr=seg.seg_lr))
+        config.train, batch_size=seg.seg_batch_size, lr=seg.seg_lr, clip_grad=0.0))
 
     def step(batch, net):
         return {"loss": losses.segmentation_loss(net(batch["image"]), batch["mask"], IGNORE)}
