@@ -492,8 +492,7 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
         f"parameters; student {config.model.student}: "
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
     # --lr and --clip-grad are the students' (stage 2); the teacher has its own rate, unclipped
-    stage1 = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, lr=config.train.teacher_lr, clip_grad=0.0))
+    stage1 = with_overrides(config, {"lr": config.train.teacher_lr, "clip_grad": 0.0})
     train_stage("teacher", teacher, teacher_loss, dataset, run, stage1,
                 config.train.teacher_epochs, device, log)
     freeze(teacher)
@@ -1493,8 +1492,8 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
     log(f"stage 3: DeepLabv3 on the teacher's ResNet, {models.count_parameters(net) / 1e6:.2f} M "
         f"parameters, from {seg.seg_init}, on {masks or 'the ground-truth masks'}")
     name = SEGMENT_CHECKPOINTS[seg.seg_targets]
-    stage = dataclasses.replace(config, train=dataclasses.replace(
-        config.train, batch_size=seg.seg_batch_size, lr=seg.seg_lr, clip_grad=0.0))
+    stage = with_overrides(config, {"batch_size": seg.seg_batch_size, "lr": seg.seg_lr,
+                                    "clip_grad": 0.0})
 
     def step(batch, net):
         return {"loss": losses.segmentation_loss(net(batch["image"]), batch["mask"], IGNORE)}
