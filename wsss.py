@@ -25,9 +25,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -887,10 +885,10 @@ def autocast(amp: str, device: torch.device):
     dtype = autocast_dtype(amp, device)
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-# --- the training loop: checkpoints after every epoch and on Ctrl-C, exact resume ------------
+# --- the training loop: a checkpoint after every epoch, exact resume from it -----------------
 
 class Interrupted(Exception):
-    """Ctrl-C during training, after the checkpoint was written: exit code 130."""
+    """Ctrl-C during training; the last epoch's checkpoint is intact: exit code 130."""
 
 class TrainingError(Exception):
     """Training cannot go on (a NaN loss, an incompatible checkpoint): one line, exit code 1."""
@@ -912,18 +910,16 @@ class Log:
 CHECKPOINT_FORMAT = 1
 
 def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, epoch: int, done: bool,
-                    step: int = 0) -> None:
-    """`epoch` epochs and `step` steps of the next are done; the random state is saved so that
-    a run resumed mid-epoch draws what the uninterrupted run would have drawn. Written to a
-    temporary file, then renamed: a crash never leaves half a checkpoint."""
+                    optimizer: torch.optim.Optimizer | None, epoch: int, done: bool) -> None:
+    """`epoch` epochs done. Written to a temporary file, then renamed: a crash or Ctrl-C never
+    leaves half a checkpoint, so a stopped run resumes from its last whole epoch."""
     if rank_and_count()[0] != 0:  # one writer; every process holds the same weights
         return
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
                 "model": net.state_dict(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "epoch": epoch, "step": step, "rng": torch.get_rng_state(), "done": done}, tmp)
+                "epoch": epoch, "done": done}, tmp)
     os.replace(tmp, path)
 
 def load_checkpoint(path: Path) -> dict:
@@ -958,41 +954,20 @@ def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
         raise TrainingError(f"{path}: does not fit the configured network ({detail})") from None
 
 def make_loader(dataset: Dataset, batch_size: int, seed: int, epoch: int, workers: int,
-                device: torch.device, skip: int = 0) -> torch.utils.data.DataLoader:
+                device: torch.device) -> torch.utils.data.DataLoader:
     """One epoch's batches of `batch_size` (the global batch) in an order that depends only on
-    (seed, epoch), so that a resumed run sees the same batches; `skip` drops the first images
-    (a run resumed mid-epoch). Under torchrun process r takes images r, r + N, ... of the same
-    order (padded to a multiple of N, as DistributedSampler pads): together the N processes'
-    batches are the single process's batches."""
+    (seed, epoch), so that a resumed run sees the same batches. Under torchrun process r takes
+    images r, r + N, ... of the same order (padded to a multiple of N, as DistributedSampler
+    pads): together the N processes' batches are the single process's batches."""
     rank, size = rank_and_count()
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(dataset), generator=generator).tolist()
     order += order[: -len(order) % size]
-    indices = order[rank::size][skip // size:]
     # Its own generator: the loader draws its workers' seed from it, not from the global state.
     return torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices), batch_size=batch_size // size, shuffle=False,
-        generator=generator, num_workers=workers, pin_memory=device.type == "cuda")
-
-class StopFlag:
-    """Turns Ctrl-C (SIGINT) into a flag the training loop reads between steps, so the
-    checkpoint it writes never holds a half-done optimizer step. A second Ctrl-C stops at once."""
-
-    def __enter__(self):
-        self.set = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        torch.utils.data.Subset(dataset, order[rank::size]), batch_size=batch_size // size,
+        shuffle=False, generator=generator, num_workers=workers,
+        pin_memory=device.type == "cuda")
 
 def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
     """Linear warm-up to `peak` over `warmup` steps, then cosine decay to zero: ViTs trained
@@ -1004,18 +979,17 @@ def learning_rate(peak: float, step: int, warmup: int, total: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 def resume(stage: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path,
-           config: RunConfig, log: Log) -> tuple[int, int, torch.Tensor | None]:
-    """(epochs done, steps done of the next, random state) from a stage's checkpoint."""
+           config: RunConfig, log: Log) -> int:
+    """The epochs a stage's checkpoint holds (0 without one), its weights and optimizer loaded."""
     if not path.is_file():
-        return 0, 0, None
+        return 0
     ckpt = load_checkpoint(path)
     check_compatible(ckpt, config, path)
     restore(net, ckpt, path)
     if ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-    epoch, step = ckpt["epoch"], ckpt.get("step", 0)
-    log(f"{stage}: resuming after epoch {epoch}" + (f" step {step}" if step else ""))
-    return epoch, step, ckpt.get("rng")
+    log(f"{stage}: resuming after epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
 
 def optimizer_step(step, batch: dict, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    lr: float, device: torch.device, t: TrainConfig) -> dict[str, float]:
@@ -1042,8 +1016,8 @@ def optimizer_step(step, batch: dict, net: torch.nn.Module, optimizer: torch.opt
 def train_stage(stage: str, net: torch.nn.Module, step, dataset: Dataset, run: Path,
                 config: RunConfig, epochs: int, device: torch.device, log: Log) -> None:
     """The epoch loop of a stage: `step(batch, net) -> {"loss": ..., other terms}`, AdamW;
-    RUN/<stage>.pt written after every epoch and on Ctrl-C; a NaN loss stops with the last good
-    checkpoint intact."""
+    RUN/<stage>.pt written after every epoch; Ctrl-C or a NaN loss stops with the last
+    epoch's checkpoint intact, and a resumed run repeats the interrupted epoch exactly."""
     t, size = config.train, rank_and_count()[1]
     if t.batch_size % size:
         raise UserError(f"--batch-size {t.batch_size} is the global batch; it must divide "
@@ -1051,25 +1025,19 @@ def train_stage(stage: str, net: torch.nn.Module, step, dataset: Dataset, run: P
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=t.lr,
                                   weight_decay=t.weight_decay)
     path = run / f"{stage}.pt"
-    start, skip, rng = resume(stage, net, optimizer, path, config, log)
+    start = resume(stage, net, optimizer, path, config, log)
     if start >= epochs:
         return log(f"{stage}: done in an earlier run ({start} epochs)")
     wrapped = training_module(net, device, t)
     per_epoch = -(-len(dataset) // t.batch_size)
-    total, seen = (epochs - start) * len(dataset) - skip * t.batch_size, 0
-    began = time.perf_counter()
-    with StopFlag() as stop:
-        for epoch in range(start, epochs):
-            done = skip if epoch == start else 0
-            if done and rng is not None:
-                torch.set_rng_state(rng)  # where the interrupted run stood
-            else:
-                torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws, per epoch
-            net.train()
-            sums: dict[str, float] = {}
-            loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device,
-                                 skip=done * t.batch_size)
-            for i, batch in enumerate(loader, start=done + 1):
+    total, seen, began = (epochs - start) * len(dataset), 0, time.perf_counter()
+    for epoch in range(start, epochs):
+        torch.manual_seed(t.seed * 100_003 + epoch)  # augmentation draws: a function of the epoch
+        net.train()
+        sums: dict[str, float] = {}
+        loader = make_loader(dataset, t.batch_size, t.seed, epoch, t.workers, device)
+        try:
+            for i, batch in enumerate(loader, start=1):
                 lr = learning_rate(t.lr, epoch * per_epoch + i - 1, per_epoch, epochs * per_epoch)
                 means = optimizer_step(step, batch, wrapped, optimizer, lr, device, t)
                 if not math.isfinite(means["loss"]):
@@ -1081,16 +1049,14 @@ def train_stage(stage: str, net: torch.nn.Module, step, dataset: Dataset, run: P
                 seen += len(batch["image"]) * size
                 if i % t.log_every == 0 or i == per_epoch:
                     ips = seen / (time.perf_counter() - began)
-                    terms = " ".join(f"{k} {v / (i - done):.4f}" for k, v in sums.items())
+                    terms = " ".join(f"{k} {v / i:.4f}" for k, v in sums.items())
                     log(f"{stage} epoch {epoch + 1}/{epochs} step {i}/{per_epoch} {terms} | "
                         f"{ips:.1f} img/s | left {(total - seen) / ips:.0f} s")
-                if stop.set:
-                    save_checkpoint(path, config, net, optimizer, epoch, False, step=i)
-                    again = "segment --run" if stage.startswith("segment") else "train --resume"
-                    raise Interrupted(f"{stage}: stopped by Ctrl-C after epoch {epoch} step {i}; "
-                                      f"checkpoint written; `python wsss.py {again} {run}` "
-                                      f"continues from there")
-            save_checkpoint(path, config, net, optimizer, epoch + 1, epoch + 1 == epochs)
+        except KeyboardInterrupt:
+            again = "segment --run" if stage.startswith("segment") else "train --resume"
+            raise Interrupted(f"{stage}: stopped by Ctrl-C in epoch {epoch + 1}; `python wsss.py "
+                              f"{again} {run}` continues after epoch {epoch}") from None
+        save_checkpoint(path, config, net, optimizer, epoch + 1, epoch + 1 == epochs)
 
 # --- files: outputs that never replace what a command reads, masks, figures ------------------
 
@@ -2029,7 +1995,7 @@ def main(argv: list[str] | None = None) -> int:
         code, message = 1, str(e)
     except Interrupted as e:
         code, message = 130, str(e)  # 130: the shell's code for Ctrl-C
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop
         code, message = 130, "stopped by Ctrl-C"
     except OSError as e:  # an unwritable or impossible output, a full disk
         code, message = 2, (f"{e.filename}: " if e.filename else "") + f"{e.strerror or e}"
