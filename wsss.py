@@ -5,7 +5,7 @@ present, are used only to score. Out: a run folder with the trained teacher (Res
 (ViT), pseudo masks for every training image, overlays, and the masks' scores.
 
     python wsss.py train                       # the whole method, on generated scenes
-    python wsss.py train --preset quick        # the same in about a minute, to try it
+    python wsss.py train --preset quick        # the same in a few minutes, to try it
     python wsss.py pseudo --run RUN --crf      # pseudo masks from a trained run
     python wsss.py segment --run RUN           # stage 3: a segmentation network on them
     python wsss.py predict --run RUN --input D # masks and overlays for any images
@@ -235,7 +235,7 @@ def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
 # class-token student with a patchify stem, raw-map cosine alignment, no consistency loss,
 # Grad-CAM over four scales, threshold 0.3. "paper" is that recipe at the paper's size
 # (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8, 3 epochs).
-# "quick" is the default recipe cut to run in about a minute (to try the tool, not to score).
+# "quick" is the default recipe cut to run in a few minutes (to try the tool, not to score).
 FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, flip=False, crop=1.0,
                 align_target="raw", align_reduce="global", consistency_weight=0.0,
                 cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0), threshold=0.3,
@@ -1894,7 +1894,7 @@ def add_run_settings(p: argparse.ArgumentParser, preset: str) -> None:
     main = p.add_argument_group("main settings")
     main.add_argument("--data", help=f"dataset folder (default: generate {DEFAULT_DATA})")
     main.add_argument("--preset", choices=list(PRESETS), default=preset,
-                      help=f"cpu: the default recipe, for a laptop; quick: a one-minute try; "
+                      help=f"cpu: the default recipe, for a laptop; quick: a three-minute try; "
                            f"faithful: the paper's recipe on small networks; paper: the paper's "
                            f"sizes, for a GPU (default: {preset})")
     for name in FIRST_FLAGS:
