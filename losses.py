@@ -107,6 +107,17 @@ def consistency_loss(map_of_transformed: torch.Tensor, transformed_map: torch.Te
                                align_corners=False)
     return F.l1_loss(normalize_maps(map_of_transformed), normalize_maps(target))
 
+def crop_consistency_loss(map_of_crop: torch.Tensor, crop_of_map: torch.Tensor) -> torch.Tensor:
+    """Locality of the maps: a crop's map equals that crop of the whole image's map.
+
+    L_cons = mean | s(M(C(x))) - s(C(M(x))) |,  s = sigmoid, C a patch-aligned crop.
+
+    The sigmoid keeps each location's score in the classifier's own units (the logit of a CAM
+    classifier pools these maps), so a map lit by evidence outside the crop is penalised; max
+    normalisation would hide it. Both (B, C, h, w); gradients flow into both.
+    """
+    return F.l1_loss(torch.sigmoid(map_of_crop.float()), torch.sigmoid(crop_of_map.float()))
+
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
     """Stage 3: per-pixel cross-entropy on (pseudo) masks, averaged over labelled pixels.
 

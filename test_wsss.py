@@ -661,6 +661,33 @@ def test_consistency_loss_zero_for_equivariant_maps():
     assert losses.consistency_loss(torch.ones(1, 1, 4, 4), torch.ones(1, 1, 8, 8)) < 1e-6
 
 
+class PatchMeans(torch.nn.Module):
+    """A 'student' whose map at each patch is that patch's mean colour, minus a share of the
+    whole image's mean when `glance` is set: local, or also lit by what lies elsewhere."""
+
+    def __init__(self, glance: float):
+        super().__init__()
+        self.glance = glance
+        self.backbone = type("ViT", (), {"patch_size": 4})()
+
+    def forward(self, x):
+        local = F.avg_pool2d(x.mean(1, keepdim=True), 4)  # (B,1,H,W) -> (B,1,H/4,W/4)
+        maps = local - self.glance * x.mean((1, 2, 3))[:, None, None, None]
+        return maps.amax((2, 3)), torch.cat([-maps, maps], 1)  # logits, (bg, fg)
+
+
+def test_crop_consistency_is_zero_only_for_local_maps():
+    images = torch.rand(3, 3, 32, 32) * 4
+    config = wsss.LossConfig(consistency_view="crop", consistency_scale=0.5)
+    for glance, expect_zero in ((0.0, True), (1.0, False)):
+        net = PatchMeans(glance)
+        maps = net(images)[1][:, 1:]
+        torch.manual_seed(0)
+        loss = wsss.consistency_term(net, images, maps, 4, config)
+        assert (loss < 1e-6) == expect_zero, (glance, loss)
+    assert losses.crop_consistency_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)) == 0
+
+
 # -----------------------------------------------------------------------------
 # Training: tiny end-to-end runs, resume, torchrun
 

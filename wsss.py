@@ -146,8 +146,13 @@ class LossConfig:
         "label-gated (background, smoke) pair", choices=losses.ALIGN_TARGETS)
     consistency_weight: float = setting(1.0, "mu, the weight of L_cons, the flip + rescale "
                                         "consistency of the student's map", at_least=0)
-    consistency_scale: float = setting(0.75, "rescale factor of L_cons's augmented view",
-                                       above=0)
+    consistency_scale: float = setting(0.75, "size of L_cons's augmented view, a share of the "
+                                       "image side", above=0)
+    consistency_view: str = setting(
+        "rescale", "L_cons's view: rescale (the whole image, flipped and rescaled; maps compared "
+        "after max normalisation) or crop (a flipped, patch-aligned crop; the sigmoids of the "
+        "maps compared, so a location's score may not depend on what lies outside the crop)",
+        choices=("rescale", "crop"))
 
 @dataclass
 class CamConfig:
@@ -468,16 +473,30 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
         aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
         terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
                                                config.align_reduce)
-    if config.consistency_weight > 0:  # the map of a flipped, rescaled view = that view's map
+    if config.consistency_weight > 0:  # the map of an augmented view = that view of the map
         p = getattr(student, "module", student).backbone.patch_size
-        side = max(p, round(images.shape[-1] * config.consistency_scale / p) * p)
-        flip = bool(torch.rand(()) < 0.5)
-        _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
-        terms["cons"] = losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
-            maps[:, 1:], maps_aug.shape[-2:], flip))
+        terms["cons"] = consistency_term(student, images, maps[:, 1:], p, config)
     terms["loss"] = (terms["cls"] + config.align_weight * terms.get("align", 0.0)
                      + config.consistency_weight * terms.get("cons", 0.0))
     return terms
+
+def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
+                     patch: int, config: LossConfig) -> torch.Tensor:
+    """L_cons for one batch: the student's class maps (B, K, h, w) of `images` against its maps
+    of a flipped view, the whole image rescaled or a crop of it (--consistency-view)."""
+    flip = bool(torch.rand(()) < 0.5)
+    if config.consistency_view == "rescale":
+        side = max(patch, round(images.shape[-1] * config.consistency_scale / patch) * patch)
+        _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
+        return losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
+            maps, maps_aug.shape[-2:], flip))
+    h, w = maps.shape[-2:]  # the token grid; a crop of whole patches keeps tokens aligned
+    ch, cw = (max(1, round(n * config.consistency_scale)) for n in (h, w))
+    y, x = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
+    crop = images[..., y * patch:(y + ch) * patch, x * patch:(x + cw) * patch]
+    _, maps_aug = student(crop.flip(-1) if flip else crop)
+    target = maps[..., y:y + ch, x:x + cw]
+    return losses.crop_consistency_loss(maps_aug[:, 1:], target.flip(-1) if flip else target)
 
 def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                    log: "Log") -> tuple[models.Teacher, models.Student]:
@@ -708,6 +727,9 @@ def check_run_config(config: RunConfig) -> None:
     if m.student_stem == "conv" and m.patch_size & (m.patch_size - 1):
         raise UserError(f"--patch-size {m.patch_size}: a conv stem needs a power of two "
                         f"(or --student-stem patch)")
+    if config.loss.consistency_view == "crop" and config.loss.consistency_scale > 1:
+        raise UserError(f"--consistency-scale {config.loss.consistency_scale}: a crop is at most "
+                        f"the whole image (at most 1 with --consistency-view crop)")
     pick_device(config.train.device)  # the device is present
 
 def describe(config: RunConfig) -> str:
