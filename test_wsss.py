@@ -411,6 +411,15 @@ def test_pick_device():
     assert wsss.pick_device("auto").type in {"cuda", "mps", "cpu"}
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_precision_is_bf16_on_cpus_with_amx_only(monkeypatch, amx):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu = torch.device("cpu")
+    assert wsss.autocast_dtype("auto", cpu) == (torch.bfloat16 if amx else None)
+    assert wsss.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert wsss.autocast_dtype("off", cpu) is None
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnet_matches_torchvision(name):
     torchvision = pytest.importorskip("torchvision")

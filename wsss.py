@@ -893,13 +893,15 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of --amp on this device: bfloat16, or None for float32. auto: bf16
-    on CUDA that runs it, and on CPUs with AVX512-BF16 or AMX (slower than fp32 elsewhere)."""
+    on CUDA that runs it, and on CPUs with AMX matrix units; on a 2-core AVX512-BF16 CPU
+    without AMX a bf16 training step took 1.25x (student) to 1.6x (teacher) fp32's time."""
     if amp != "auto":
         return torch.bfloat16 if amp == "bf16" else None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if has_amx else None
     return None
 
 def autocast(amp: str, device: torch.device):
