@@ -474,16 +474,16 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
         terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
                                                config.align_reduce)
     if config.consistency_weight > 0:  # the map of an augmented view = that view of the map
-        p = getattr(student, "module", student).backbone.patch_size
-        terms["cons"] = consistency_term(student, images, maps[:, 1:], p, config)
+        terms["cons"] = consistency_term(student, images, maps[:, 1:], config)
     terms["loss"] = (terms["cls"] + config.align_weight * terms.get("align", 0.0)
                      + config.consistency_weight * terms.get("cons", 0.0))
     return terms
 
 def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
-                     patch: int, config: LossConfig) -> torch.Tensor:
+                     config: LossConfig) -> torch.Tensor:
     """L_cons for one batch: the student's class maps (B, K, h, w) of `images` against its maps
     of a flipped view, the whole image rescaled or a crop of it (--consistency-view)."""
+    patch = getattr(student, "module", student).backbone.patch_size
     flip = bool(torch.rand(()) < 0.5)
     if config.consistency_view == "rescale":
         side = max(patch, round(images.shape[-1] * config.consistency_scale / patch) * patch)
@@ -494,9 +494,11 @@ def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch
     ch, cw = (max(1, round(n * config.consistency_scale)) for n in (h, w))
     y, x = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
     crop = images[..., y * patch:(y + ch) * patch, x * patch:(x + cw) * patch]
-    _, maps_aug = student(crop.flip(-1) if flip else crop)
     target = maps[..., y:y + ch, x:x + cw]
-    return losses.crop_consistency_loss(maps_aug[:, 1:], target.flip(-1) if flip else target)
+    if flip:
+        crop, target = crop.flip(-1), target.flip(-1)
+    _, maps_aug = student(crop)
+    return losses.crop_consistency_loss(maps_aug[:, 1:], target)
 
 def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                    log: "Log") -> tuple[models.Teacher, models.Student]:
