@@ -70,28 +70,24 @@ SHARE = dict(at_least=0, at_most=1)  # a share in [0, 1]
 class ModelConfig:
     teacher: str = setting("resnet18", "teacher ResNet",
                            choices=("resnet18", "resnet34", "resnet50", "resnet101"))
-    teacher_width: int = setting(32, "channels of the teacher's first stage (64 = the standard "
+    teacher_width: int = setting(32, "channels of the teacher's first stage (64: the standard "
                                  "ResNet)", at_least=1)
     output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
-    pcm: bool = setting(False, "refine the teacher's CAM with SEAM's pixel correlation module "
-                        "(PCM: each location's CAM re-weighted by its feature affinities)")
+    pcm: bool = setting(False, "refine the teacher's CAM by its feature affinities (SEAM's "
+                        "pixel correlation module, PCM)")
     student: str = setting("vit_tiny", "student ViT", choices=("vit_tiny", "vit_small", "vit_base"))
     student_depth: int = setting(6, "transformer blocks of the student", at_least=1)
     student_stem: str = setting("conv", "student tokenizer: patch (linear patchify, the paper) or "
                                 "conv (stride-2 3x3 convs)", choices=("patch", "conv"))
     student_head: str = setting(
         "cam", "student classifier: token (class-token head, the paper) or cam (its projected "
-        "map, pooled as the teacher's CAM, so that the aligned map is the one read out)",
-        choices=("token", "cam"))
-    pool: float = setting(
-        0.03, "CAM classifiers score a class by the mean of this share of its map's strongest "
-        "locations (1 = global average pooling, the paper; 0.03 was picked on the synthetic "
-        "validation split)", above=0, at_most=1)
-    student_window: int = setting(
-        3, "the CAM-head student pools the means of window x window neighbourhoods of its map, "
-        "so a region of patches scores and a lone patch does not (1 = single patches, as the "
-        "teacher, whose convolutions already smooth its map; 3 was picked on the synthetic "
-        "validation split)", choices=(1, 3, 5))
+        "map pooled, so that the aligned map is the one read out)", choices=("token", "cam"))
+    pool: float = setting(0.03, "CAM classifiers score a class by the mean of this share of its "
+                          "map's strongest locations (1: average pooling, the paper; 0.03 picked "
+                          "on the synthetic validation split)", above=0, at_most=1)
+    student_window: int = setting(3, "the CAM-head student pools window x window means of its "
+                                  "map, so a region scores and a lone patch does not (picked on "
+                                  "the synthetic validation split)", choices=(1, 3, 5))
     patch_size: int = setting(8, "student patch size in pixels", at_least=1)
     image_size: int = setting(128, "training image side in pixels", at_least=16)
     teacher_weights: str = setting("", "local file of pretrained teacher weights (torchvision "
@@ -110,57 +106,52 @@ class TrainConfig:
     batch_size: int = setting(16, "images a step", at_least=1)
     lr: float = setting(5e-4, "AdamW peak learning rate of the students: warm-up over the "
                         "first epoch, then cosine decay", above=0)
-    teacher_lr: float = setting(2e-4, "the same for the teacher (2e-4 was picked on the "
-                                "synthetic validation split)", above=0)
+    teacher_lr: float = setting(2e-4, "the same for the teacher (picked on the synthetic "
+                                "validation split)", above=0)
     weight_decay: float = setting(0.05, "AdamW weight decay", at_least=0)
-    clip_grad: float = setting(1.0, "stage 2: clip the students' gradient to this global norm, "
-                               "as ViT recipes do (0 = off, the paper)", at_least=0)
+    clip_grad: float = setting(1.0, "clip the students' gradient to this global norm, as ViT "
+                               "recipes do (0: off, the paper)", at_least=0)
     flip: bool = setting(True, "random horizontal flips (the paper: none)")
     crop: float = setting(0.7, "random resized crops keep at least this share of the image "
-                          "(1 = none, the paper)", above=0, at_most=1)
-    baseline: bool = setting(True, "also train the student alone (lambda = 0), scored beside "
-                             "the aligned student")
+                          "(1: none, the paper)", above=0, at_most=1)
+    baseline: bool = setting(True, "also train the student alone (lambda = 0) for comparison")
     seed: int = setting(0, "seed of initialisation and data order")
     amp: str = setting("auto", "bfloat16 mixed precision; auto: where the device runs it fast",
                        choices=("auto", "bf16", "off"))
     device: str = setting("auto", "auto: cuda, then mps, then cpu",
                           choices=("auto", "cpu", "cuda", "mps"))
     workers: int = setting(0, "data loader worker processes", at_least=0)
-    channels_last: bool = setting(False, "channels-last images and ResNets: faster "
-                                  "convolutions on CUDA")
+    channels_last: bool = setting(False, "channels-last ResNets: faster convolutions on CUDA")
     compile: bool = setting(False, "torch.compile the trained networks")
     log_every: int = setting(20, "steps between progress lines", at_least=1)
 
 @dataclass
 class LossConfig:
-    align_weight: float = setting(1.0, "lambda, the weight of L_align (0 = the student alone)",
+    align_weight: float = setting(1.0, "lambda, the weight of L_align (0: the student alone)",
                                   at_least=0)
-    align_kind: str = setting(
-        "cosine", "distance of L_align: cosine (the paper), l1 or l2", choices=losses.ALIGN_KINDS)
+    align_kind: str = setting("cosine", "distance of L_align: cosine (the paper), l1 or l2",
+                              choices=losses.ALIGN_KINDS)
     align_reduce: str = setting(
-        "channel", "cosine over the whole map (the paper), each channel's map (so that the "
-        "small smoke channel counts as much as the background), or each location's channels",
-        choices=losses.ALIGN_REDUCES)
+        "channel", "cosine over the whole map (global, the paper), each channel's map, or each "
+        "location's channels (spatial)", choices=losses.ALIGN_REDUCES)
     align_target: str = setting(
         "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
         "label-gated (background, smoke) pair", choices=losses.ALIGN_TARGETS)
-    consistency_weight: float = setting(1.0, "mu, the weight of L_cons, the flip + rescale "
-                                        "consistency of the student's map", at_least=0)
-    consistency_scale: float = setting(0.75, "size of L_cons's augmented view, a share of the "
-                                       "image side", above=0)
+    consistency_weight: float = setting(1.0, "mu, the weight of L_cons", at_least=0)
+    consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
+                                       above=0)
     consistency_view: str = setting(
-        "rescale", "L_cons's view: rescale (the whole image, flipped and rescaled; maps compared "
-        "after max normalisation) or crop (a flipped, patch-aligned crop; the sigmoids of the "
-        "maps compared, so a location's score may not depend on what lies outside the crop)",
-        choices=("rescale", "crop"))
+        "rescale", "L_cons's view: rescale (the whole image flipped and rescaled, maps compared "
+        "max-normalised) or crop (a flipped crop, sigmoids compared: a location's score may not "
+        "depend on what lies outside the crop)", choices=("rescale", "crop"))
 
 @dataclass
 class CamConfig:
     cam_network: str = setting("student", "whose CAMs become pseudo masks",
                                choices=("student", "teacher"))
-    cam_method: str = setting(
-        "proj", "the student's CAM: gradcam (Grad-CAM of its last block, the paper) or proj "
-        "(its projected class map, the map L_align trains)", choices=("proj", "gradcam"))
+    cam_method: str = setting("proj", "the student's CAM: gradcam (Grad-CAM of its last block, "
+                              "the paper) or proj (its projected class map, the map L_align "
+                              "trains)", choices=("proj", "gradcam"))
     cam_scales: tuple[float, ...] = setting((1.0,), "input scales summed (the paper: 0.5 1 1.5 "
                                             "2)", above=0)
     cam_flip: bool = setting(True, "also sum the mirrored input's CAM")
@@ -170,9 +161,8 @@ class CamConfig:
 
 @dataclass
 class RefineConfig:
-    background: str = setting(
-        "threshold", "background score: threshold (the constant --threshold) or power "
-        "((1 - max CAM)^alpha, the CRF's usual unary)", choices=("threshold", "power"))
+    background: str = setting("threshold", "background score: threshold (--threshold) or power "
+                              "((1 - max CAM)^alpha)", choices=("threshold", "power"))
     alpha: float = setting(8.0, "exponent of the power background", above=0)
     crf: bool = setting(False, "refine with the dense CRF")
     crf_iters: int = setting(10, "mean-field iterations", at_least=1)
@@ -279,7 +269,7 @@ def read_classes(root: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path}: file not found (a dataset folder has one foreground class "
                         f"name a line)")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = path.read_text().split()
     if not names or len(set(names)) != len(names):
         raise UserError(f"{path}: no class names, or one named twice")
     return names
@@ -293,19 +283,18 @@ def read_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
         raise UserError(f"{path}: split file not found")
     samples = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
-        words = line.split()
-        if not words:
+        if not line.split():
             continue
-        stem, *names = words
+        stem, *names = line.split()
         unknown = [n for n in names if n not in index]
         if unknown:
             raise UserError(f"{path}:{number}: unknown class '{unknown[0]}' (classes.txt has "
                             f"{', '.join(classes)})")
-        images = [root / "images" / (stem + ext) for ext in IMAGE_EXTENSIONS]
-        image = next((p for p in images if p.is_file()), None)
+        image = next((p for p in (root / "images" / (stem + ext) for ext in IMAGE_EXTENSIONS)
+                      if p.is_file()), None)
         if image is None:
             raise UserError(f"{path}:{number}: no image images/{stem}.png or .jpg")
-        mask, context = root / "masks" / f"{stem}.png", root / "context" / f"{stem}.png"
+        mask, context = (root / sub / f"{stem}.png" for sub in ("masks", "context"))
         samples.append(Sample(stem, image, tuple(sorted({index[n] for n in names})),
                               mask if mask.is_file() else None,
                               context if context.is_file() else None))
@@ -355,8 +344,7 @@ class SmokeDataset(Dataset):
     Item: {"stem", "size" (2,) the file's (H, W), "image" (3,S,S) normalised float, "rgb"
     (3,S,S) uint8, "label" (K,) multi-hot float, and when the folder has them "mask" (S,S) int64
     with 255 = ignore (all-ignore for an image without a mask file), "context" (S,S) bool}.
-    `masks` names a folder of <stem>.png masks to use instead of DIR/masks (stage 3 trains on
-    pseudo masks this way).
+    `masks`: a folder of <stem>.png masks to use instead (stage 3 trains on pseudo masks).
     """
 
     def __init__(self, root: str | Path, split: str, size: int | None = 128, flip: bool = False,
@@ -367,8 +355,7 @@ class SmokeDataset(Dataset):
             missing = [s.stem for s in self.samples if not (masks / f"{s.stem}.png").is_file()]
             if missing:
                 raise UserError(f"{masks / missing[0]}.png: mask missing ({len(missing)} of "
-                                f"{len(self.samples)} {split} images have none; `python wsss.py "
-                                f"pseudo` writes pseudo masks)")
+                                f"{len(self.samples)} {split} images have none)")
             self.samples = [dataclasses.replace(s, mask=masks / f"{s.stem}.png")
                             for s in self.samples]
         self.index = {s.stem: i for i, s in enumerate(self.samples)}
