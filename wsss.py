@@ -269,7 +269,7 @@ def read_classes(root: Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{path}: file not found (a dataset folder has one foreground class "
                         f"name a line)")
-    names = path.read_text().split()
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names or len(set(names)) != len(names):
         raise UserError(f"{path}: no class names, or one named twice")
     return names
