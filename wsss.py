@@ -283,18 +283,19 @@ def read_split(root: Path, split: str) -> tuple[list[str], list[Sample]]:
         raise UserError(f"{path}: split file not found")
     samples = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.split():
+        words = line.split()
+        if not words:
             continue
-        stem, *names = line.split()
+        stem, *names = words
         unknown = [n for n in names if n not in index]
         if unknown:
             raise UserError(f"{path}:{number}: unknown class '{unknown[0]}' (classes.txt has "
                             f"{', '.join(classes)})")
-        image = next((p for p in (root / "images" / (stem + ext) for ext in IMAGE_EXTENSIONS)
-                      if p.is_file()), None)
+        images = [root / "images" / (stem + ext) for ext in IMAGE_EXTENSIONS]
+        image = next((p for p in images if p.is_file()), None)
         if image is None:
             raise UserError(f"{path}:{number}: no image images/{stem}.png or .jpg")
-        mask, context = (root / sub / f"{stem}.png" for sub in ("masks", "context"))
+        mask, context = root / "masks" / f"{stem}.png", root / "context" / f"{stem}.png"
         samples.append(Sample(stem, image, tuple(sorted({index[n] for n in names})),
                               mask if mask.is_file() else None,
                               context if context.is_file() else None))
