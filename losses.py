@@ -5,6 +5,7 @@
 - classification_loss: multi-label BCE on image labels (both networks).
 - alignment_loss: the cross-architecture knowledge transfer, student map -> frozen teacher map.
 - consistency_loss: equivariance of the student's maps under flip + rescale (SEAM's ECR idea).
+- crop_consistency_loss: locality of the student's maps: a crop's map is that crop of the map.
 - segmentation_loss: stage 3, per-pixel cross-entropy on pseudo masks with an ignore label.
 """
 
