@@ -48,7 +48,8 @@ def cams_to_probs(cams: torch.Tensor, background: str = "threshold", threshold: 
 
     background="threshold": a constant background score `threshold` (the paper's 0.3): a pixel
       is foreground where some class map exceeds it.
-    background="power": (1 - max_k cam)^alpha, psa's background for the CRF (the paper: 48).
+    background="power": (1 - max_k cam)^alpha, AffinityNet's background for the CRF
+      (Ahn & Kwak 2018; the paper: 48).
     The scores are renormalised to sum to one per pixel, so they can serve as CRF unaries.
     """
     if background == "threshold":
@@ -329,7 +330,7 @@ def attention_affinity(attentions: list[torch.Tensor], beta: float = 2.0) -> tor
     return a / a.sum(dim=2, keepdim=True).clamp(min=1e-8)
 
 def random_walk(cams: torch.Tensor, transition: torch.Tensor, steps: int = 2) -> torch.Tensor:
-    """Propagate CAMs along a transition matrix (psa's random walk, Ahn & Kwak 2018):
+    """Propagate CAMs along a transition matrix (AffinityNet's random walk, Ahn & Kwak 2018):
     cam <- cam T^steps on the patch grid.  cams: (B, K, h, w); transition: (B, h*w, h*w)."""
     B, K, h, w = cams.shape
     flat = cams.reshape(B, K, h * w)  # (B,K,h,w) -> (B,K,N)
@@ -471,7 +472,7 @@ def overlay(rgb: torch.Tensor, mask: torch.Tensor, num_classes: int, side: int =
 # The dense CRF's benchmark: ours against pydensecrf, side by side in one run
 
 CRF_SETTINGS = {
-    "common WSSS (psa, SEAM, IRN): 3/3, 80/13/10": dict(
+    "common WSSS (AffinityNet, SEAM, IRN): 3/3, 80/13/10": dict(
         sxy_gaussian=3, compat_gaussian=3, sxy_bilateral=80, srgb=13, compat_bilateral=10),
     "the paper: 3/5, 60/5/15": dict(
         sxy_gaussian=3, compat_gaussian=5, sxy_bilateral=60, srgb=5, compat_bilateral=15),
