@@ -48,8 +48,7 @@ def cams_to_probs(cams: torch.Tensor, background: str = "threshold", threshold: 
 
     background="threshold": a constant background score `threshold` (the paper's 0.3): a pixel
       is foreground where some class map exceeds it.
-    background="power": (1 - max_k cam)^alpha, AffinityNet's background for the CRF
-      (Ahn & Kwak 2018; the paper: 48).
+    background="power": (1 - max_k cam)^alpha, AffinityNet's CRF background (the paper: 48).
     The scores are renormalised to sum to one per pixel, so they can serve as CRF unaries.
     """
     if background == "threshold":
