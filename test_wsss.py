@@ -565,6 +565,9 @@ def test_pool_maps_is_the_mean_of_the_strongest_locations():
                              1, head="cam", pool=0.25, window=3)
     logits, maps = student(torch.randn(2, 3, 32, 32))
     assert torch.allclose(logits, models.pool_maps(maps[:, 1:], 0.25, window=3))
+    config = wsss.ModelConfig(teacher_width=8, student_depth=1, image_size=32, teacher_pool=0.5)
+    assert wsss.build_teacher(config, 1).pool == 0.5  # each network its own pooling share
+    assert wsss.build_student(config, 1).pool == config.pool != 0.5
 
 
 def test_bad_weights_files(tmp_path):
@@ -1232,7 +1235,8 @@ BAD_TRAIN_FLAGS = [
     ("--align-kind", "foo"), ("--align-reduce", "foo"), ("--align-target", "foo"),
     ("--cam-network", "foo"), ("--cam-method", "foo"), ("--background", "foo"),
     ("--amp", "foo"), ("--teacher", "foo"), ("--student-head", "foo"),
-    ("--crop", "0"), ("--image-size", "100"),  # not a multiple of the patch size
+    ("--crop", "0"), ("--teacher-pool", "0"),
+    ("--image-size", "100"),  # not a multiple of the patch size
 ] + ([] if wsss.torch.cuda.is_available() else [("--device", "cuda")])
 
 

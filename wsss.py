@@ -75,6 +75,10 @@ class ModelConfig:
     output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
     pcm: bool = setting(False, "refine the teacher's CAM by its feature affinities (SEAM's "
                         "pixel correlation module, PCM)")
+    teacher_pool: float = setting(0.1, "the teacher scores a class by the mean of this share "
+                                  "of its map's strongest locations (1: average pooling, the "
+                                  "paper; 0.1 picked on the synthetic validation split)",
+                                  above=0, at_most=1)
     student: str = setting("vit_tiny", "student ViT", choices=("vit_tiny", "vit_small", "vit_base"))
     student_depth: int = setting(6, "transformer blocks of the student", at_least=1)
     student_stem: str = setting("conv", "student tokenizer: patch (linear patchify, the paper) or "
@@ -82,9 +86,8 @@ class ModelConfig:
     student_head: str = setting(
         "cam", "student classifier: token (class-token head, the paper) or cam (its projected "
         "map pooled, so that the aligned map is the one read out)", choices=("token", "cam"))
-    pool: float = setting(0.03, "CAM classifiers score a class by the mean of this share of its "
-                          "map's strongest locations (1: average pooling, the paper; 0.03 picked "
-                          "on the synthetic validation split)", above=0, at_most=1)
+    pool: float = setting(0.03, "the same for the CAM-head student (0.03 picked on the "
+                          "synthetic validation split)", above=0, at_most=1)
     student_window: int = setting(3, "the CAM-head student pools window x window means of its "
                                   "map, so a region scores and a lone patch does not (picked on "
                                   "the synthetic validation split)", choices=(1, 3, 5))
@@ -231,10 +234,11 @@ def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
 # Grad-CAM over four scales, threshold 0.3. "paper" is that recipe at the paper's size
 # (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8, 3 epochs).
 # "quick" is the default recipe cut to run in a few minutes (to try the tool, not to score).
-FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, flip=False, crop=1.0,
-                align_target="raw", align_reduce="global", consistency_weight=0.0,
-                cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0), threshold=0.3,
-                teacher_lr=5e-4, clip_grad=0.0)  # one learning rate, no clipping: the paper
+FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, teacher_pool=1.0,
+                flip=False, crop=1.0, align_target="raw", align_reduce="global",
+                consistency_weight=0.0, cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0),
+                threshold=0.3, teacher_lr=5e-4,
+                clip_grad=0.0)  # one learning rate, no clipping: the paper
 PRESETS = {
     "cpu": {},
     "quick": dict(image_size=64, teacher_epochs=2, student_epochs=2),
@@ -417,7 +421,7 @@ def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
                                                width=config.teacher_width)
     if config.teacher_weights:
         load_weights(backbone, Path(config.teacher_weights), "teacher")
-    return models.Teacher(backbone, num_classes, pcm=config.pcm, pool=config.pool)
+    return models.Teacher(backbone, num_classes, pcm=config.pcm, pool=config.teacher_pool)
 
 def build_student(config: ModelConfig, num_classes: int) -> models.Student:
     """A ViT whose patch tokens, projected, give a (background, class 1..K) map."""
