@@ -411,6 +411,21 @@ def test_pick_device():
     assert wsss.pick_device("auto").type in {"cuda", "mps", "cpu"}
 
 
+def test_torchrun_processes_beyond_the_gpus_run_on_the_cpu(monkeypatch):
+    """Two torchrun processes on a one-GPU machine: NCCL would refuse them a shared GPU, so
+    they join with gloo and train on the CPU; asking for CUDA there is a clear error."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(wsss, "rank_and_count", lambda: (0, 2))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert not wsss.gpu_each()
+    assert wsss.pick_device("auto") == torch.device("cpu")
+    with pytest.raises(wsss.UserError, match="outnumber the GPUs"):
+        wsss.pick_device("cuda")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert wsss.gpu_each()
+
+
 @pytest.mark.parametrize("amx", [True, False])
 def test_auto_precision_is_bf16_on_cpus_with_amx_only(monkeypatch, amx):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -842,7 +857,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     the pseudo masks of both processes' shares. (The teacher stage is shared: its BatchNorm
     normalises each process's half batch on CPU, where SyncBatchNorm does not run.)"""
     # Deterministic data and no BatchNorm in the student (a conv stem's would see half batches).
-    args = [*TINY, "--amp", "off", "--no-flip", "--crop", 1.0, "--student-stem", "patch"]
+    args = [*TINY, "--amp", "off", "--no-flip", "--crop", 1.0, "--student-stem", "patch",
+            "--device", "cpu"]
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert run_cli(capsys, "train", "--data", synth_dir, "--out", single, *args)[0] == 0
     ddp.mkdir()

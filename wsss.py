@@ -811,14 +811,20 @@ def rank_and_count() -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
+def gpu_each() -> bool:
+    """Whether each of this machine's torchrun processes can have a GPU of its own: NCCL
+    refuses two processes on one GPU, so with fewer GPUs than processes they run on the CPU."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.cuda.is_available() and processes <= torch.cuda.device_count()
+
 def init_distributed() -> bool:
     """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK,
-    LOCAL_RANK, MASTER_ADDR): NCCL between GPUs, gloo between CPU processes."""
+    LOCAL_RANK, MASTER_ADDR): NCCL between GPUs, one each; gloo between CPU processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    if torch.cuda.is_available():
+    if gpu_each():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if gpu_each() else "gloo")
     return True
 
 def on_first_process(fn):
@@ -873,12 +879,16 @@ def training_module(net: torch.nn.Module, device: torch.device, t: TrainConfig
 # --- device and precision --------------------------------------------------------------------
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu."""
-    available = {"cuda": torch.cuda.is_available(),
-                 "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
+    """'auto' -> cuda (this process's GPU under torchrun), then mps, then cpu. torchrun
+    processes that cannot have a GPU each (gloo) all run on the CPU."""
+    gloo = rank_and_count()[1] > 1 and not gpu_each()
+    available = {"cuda": torch.cuda.is_available() and not gloo,
+                 "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+                        and not gloo}
     if not available.get(name, True):
-        raise UserError(f"--device {name}: no {name.upper()} device is available here (use auto "
-                        f"or cpu)")
+        why = "torchrun's processes outnumber the GPUs here" if gloo else "none here"
+        raise UserError(f"--device {name}: no {name.upper()} device for this process ({why}; "
+                        f"use auto or cpu)")
     if name != "auto":
         return torch.device(name)
     if available["cuda"]:
