@@ -130,8 +130,8 @@ class TrainConfig:
 
 @dataclass
 class LossConfig:
-    align_weight: float = setting(1.0, "lambda, the weight of L_align (0: the student alone)",
-                                  at_least=0)
+    align_weight: float = setting(3.0, "lambda, the weight of L_align (0: the student alone; "
+                                  "1: the paper's)", at_least=0)
     align_kind: str = setting("cosine", "distance of L_align: cosine (the paper), l1 or l2",
                               choices=losses.ALIGN_KINDS)
     align_reduce: str = setting(
@@ -237,7 +237,7 @@ def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
 FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, teacher_pool=1.0,
                 flip=False, crop=1.0, align_target="raw", align_reduce="global",
                 consistency_weight=0.0, cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0),
-                threshold=0.3, teacher_lr=5e-4,
+                threshold=0.3, teacher_lr=5e-4, align_weight=1.0,
                 clip_grad=0.0)  # one learning rate, no clipping: the paper
 PRESETS = {
     "cpu": {},
@@ -1623,6 +1623,7 @@ ABLATION_ROWS = {
     "spatial": ("aligned student, cosine spatial", {"align_reduce": "spatial"}, {}),
     "l1": ("aligned student, L1 global", {"align_kind": "l1"}, {}),
     "l2": ("aligned student, L2 global", {"align_kind": "l2"}, {}),
+    "lambda1": ("λ = 1 (the paper's)", {"align_weight": 1.0}, {}),
     "lambda0.3": ("λ = 0.3", {"align_weight": 0.3}, {}),
     "lambda0.5": ("λ = 0.5", {"align_weight": 0.5}, {}),
     "lambda1.5": ("λ = 1.5", {"align_weight": 1.5}, {}),
