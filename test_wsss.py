@@ -597,6 +597,18 @@ def test_bad_weights_files(tmp_path):
         wsss.load_weights(net, tmp_path / "other.pt", "teacher")
 
 
+def test_faithful_preset_is_the_papers_recipe_and_the_default_differs():
+    """`--preset faithful` is one flag from the default: the paper's λ = 1, average pooling, a
+    class-token student read by Grad-CAM over four scales, raw-map global cosine, no L_cons."""
+    paper, default = wsss.preset_config("faithful"), wsss.preset_config("cpu")
+    assert (paper.loss.align_weight, default.loss.align_weight) == (1.0, 3.0)
+    assert paper.model.teacher_pool == paper.model.pool == 1.0
+    assert (paper.model.student_head, paper.cam.cam_method) == ("token", "gradcam")
+    assert (paper.loss.align_target, paper.loss.align_reduce) == ("raw", "global")
+    assert paper.loss.consistency_weight == 0.0 and paper.cam.threshold == 0.3
+    assert paper.cam.cam_scales == (0.5, 1.0, 1.5, 2.0)
+
+
 # -----------------------------------------------------------------------------
 # Losses: L_cls, L_align, L_cons on hand-made inputs with known values
 
