@@ -822,9 +822,10 @@ def init_distributed() -> bool:
     LOCAL_RANK, MASTER_ADDR): NCCL between GPUs, one each; gloo between CPU processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    if gpu_each():
+    nccl = gpu_each()
+    if nccl:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if gpu_each() else "gloo")
+    dist.init_process_group("nccl" if nccl else "gloo")
     return True
 
 def on_first_process(fn):
@@ -886,9 +887,9 @@ def pick_device(name: str = "auto") -> torch.device:
                  "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
                         and not gloo}
     if not available.get(name, True):
-        why = "torchrun's processes outnumber the GPUs here" if gloo else "none here"
-        raise UserError(f"--device {name}: no {name.upper()} device for this process ({why}; "
-                        f"use auto or cpu)")
+        why = "torchrun's processes outnumber the GPUs here" if gloo else "none is available here"
+        raise UserError(f"--device {name}: no {name.upper()} device for this process, {why} "
+                        f"(use auto or cpu)")
     if name != "auto":
         return torch.device(name)
     if available["cuda"]:
