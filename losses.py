@@ -9,8 +9,12 @@
 - segmentation_loss: stage 3, per-pixel cross-entropy on pseudo masks with an ignore label.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from models import setting
 
 ALIGN_KINDS = ("cosine", "l1", "l2")
 ALIGN_REDUCES = ("global", "channel", "spatial")
@@ -128,3 +132,23 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int) -
     """
     total = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore, reduction="sum")
     return total / (target != ignore).sum().clamp(min=1)
+
+@dataclass
+class LossConfig:
+    align_weight: float = setting(3.0, "lambda, the weight of L_align (0: the student alone; "
+                                  "1: the paper's)", at_least=0)
+    align_kind: str = setting("cosine", "distance of L_align: cosine (the paper), l1 or l2",
+                              choices=ALIGN_KINDS)
+    align_reduce: str = setting(
+        "channel", "cosine over the whole map (global, the paper), each channel's map, or each "
+        "location's channels (spatial)", choices=ALIGN_REDUCES)
+    align_target: str = setting(
+        "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
+        "label-gated (background, smoke) pair", choices=ALIGN_TARGETS)
+    consistency_weight: float = setting(1.0, "mu, the weight of L_cons", at_least=0)
+    consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
+                                       above=0)
+    consistency_view: str = setting(
+        "rescale", "L_cons's view: rescale (the whole image flipped and rescaled, maps compared "
+        "max-normalised) or crop (a flipped crop, sigmoids compared: a location's score may not "
+        "depend on what lies outside the crop)", choices=("rescale", "crop"))

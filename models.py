@@ -13,6 +13,7 @@ Networks only: tensors in, tensors out, and weights from a file the caller names
 """
 
 import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -568,3 +569,121 @@ def load_pretrained(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+# -----------------------------------------------------------------------------
+# The networks of a run: ModelConfig (its fields are `train`'s --flags) and the builders
+
+def setting(default, help: str, *, choices: tuple = (), at_least: float | None = None,
+            above: float | None = None, at_most: float | None = None):
+    """A config field: its default, the help of its --flag, and the values it allows (checked
+    for flags and for a run's config.json alike, by check_settings)."""
+    allows = dict(choices=choices, at_least=at_least, above=above, at_most=at_most)
+    return field(default=default, metadata={"help": help, **allows})
+
+SHARE = dict(at_least=0, at_most=1)  # a share in [0, 1]
+TEACHERS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
+            "resnet101": resnet101}
+STUDENTS = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base}
+
+@dataclass
+class ModelConfig:
+    teacher: str = setting("resnet18", "teacher ResNet", choices=tuple(TEACHERS))
+    teacher_width: int = setting(32, "channels of the teacher's first stage (64: the standard "
+                                 "ResNet)", at_least=1)
+    output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
+    pcm: bool = setting(False, "refine the teacher's CAM by its feature affinities (SEAM's "
+                        "pixel correlation module, PCM)")
+    teacher_pool: float = setting(0.1, "the teacher scores a class by the mean of this share "
+                                  "of its map's strongest locations (1: average pooling, the "
+                                  "paper; 0.1 picked on the synthetic validation split)",
+                                  above=0, at_most=1)
+    student: str = setting("vit_tiny", "student ViT", choices=tuple(STUDENTS))
+    student_depth: int = setting(6, "transformer blocks of the student", at_least=1)
+    student_stem: str = setting("conv", "student tokenizer: patch (linear patchify, the paper) or "
+                                "conv (stride-2 3x3 convs)", choices=("patch", "conv"))
+    student_head: str = setting(
+        "cam", "student classifier: token (class-token head, the paper) or cam (its projected "
+        "map pooled, so that the aligned map is the one read out)", choices=("token", "cam"))
+    pool: float = setting(0.03, "the same for the CAM-head student (0.03 picked on the "
+                          "synthetic validation split)", above=0, at_most=1)
+    student_window: int = setting(3, "the CAM-head student pools window x window means of its "
+                                  "map, so a region scores and a lone patch does not (picked on "
+                                  "the synthetic validation split)", choices=(1, 3, 5))
+    patch_size: int = setting(8, "student patch size in pixels", at_least=1)
+    image_size: int = setting(128, "training image side in pixels", at_least=16)
+    teacher_weights: str = setting("", "local file of pretrained teacher weights (torchvision "
+                                   "names)")
+    student_weights: str = setting("", "local file of pretrained student weights (timm or "
+                                   "torchvision names)")
+
+    def without_weights(self) -> "ModelConfig":
+        """The same networks without weight files: for networks a checkpoint fills."""
+        return replace(self, teacher_weights="", student_weights="")
+
+def build_teacher(config: ModelConfig, num_classes: int) -> Teacher:
+    """A ResNet CAM classifier: its class maps are its CAMs (Zhou et al. 2016)."""
+    backbone = TEACHERS[config.teacher](num_classes=0, output_stride=config.output_stride,
+                                        width=config.teacher_width)
+    if config.teacher_weights:
+        load_weights(backbone, Path(config.teacher_weights), "teacher")
+    return Teacher(backbone, num_classes, pcm=config.pcm, pool=config.teacher_pool)
+
+def build_student(config: ModelConfig, num_classes: int) -> Student:
+    """A ViT whose patch tokens, projected, give a (background, class 1..K) map."""
+    # A CAM-head student classifies with its projected map: no class-token head to train.
+    head_classes = num_classes if config.student_head == "token" else 0
+    backbone = STUDENTS[config.student](
+        img_size=config.image_size, patch_size=config.patch_size, depth=config.student_depth,
+        num_classes=head_classes, stem=config.student_stem)
+    if config.student_weights:
+        load_weights(backbone, Path(config.student_weights), "student")
+    return Student(backbone, num_classes, head=config.student_head, pool=config.pool,
+                   window=config.student_window)
+
+def build_segmenter(model: ModelConfig, num_classes: int) -> DeepLab:
+    """DeepLabv3 on the teacher's ResNet; K + 1 outputs (background first)."""
+    side = model.image_size // model.output_stride
+    # DeepLabv3's rates (6, 12, 18) suit its 33x33 feature maps (513 px at output stride 16);
+    # scaled to this map's side, so that the branches still see different contexts.
+    rates = tuple(max(1, round(r * side / 33)) for r in (6, 12, 18))
+    return DeepLab(build_teacher(model, num_classes).backbone, num_classes + 1, rates=rates)
+
+class WeightsError(ValueError):
+    """A weights file that is missing, unreadable or fits nothing: the user names another."""
+
+def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Load a local weights file into `module`, saying what did not fit."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        report = load_pretrained(module, read_state_dict(path))
+    except ValueError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    loaded = len(report.pop("loaded"))
+    print(f"{what}: loaded {loaded} tensors from {path}")
+    for kind, keys in report.items():
+        if keys:
+            print(f"  {kind} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+    if loaded == 0:
+        raise WeightsError(f"{path}: no tensor matches the {what}'s names")
+
+# -----------------------------------------------------------------------------
+# Precision: bfloat16 autocast where the device runs it fast (--amp)
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of --amp on this device: bfloat16, or None for float32. auto: bf16
+    on CUDA that runs it, and on CPUs with AMX matrix units; on a 2-core AVX512-BF16 CPU
+    without AMX a bf16 training step took 1.25x (student) to 1.6x (teacher) fp32's time."""
+    if amp != "auto":
+        return torch.bfloat16 if amp == "bf16" else None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if has_amx else None
+    return None
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context of --amp on this device (float32 when it has none)."""
+    dtype = autocast_dtype(amp, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

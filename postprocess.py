@@ -11,12 +11,17 @@ import importlib
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2.functional import resize
 from torchvision.utils import draw_segmentation_masks, make_grid
+
+import losses
+import models
+from models import SHARE, setting
 
 
 IGNORE = 255  # mask value for "do not score this pixel" (faint plume edges, ambiguous pixels)
@@ -349,6 +354,73 @@ def coverage_fix(student, images: torch.Tensor, cams: torch.Tensor, steps: int =
     grid = F.adaptive_avg_pool2d(F.relu(cams.float()), (h, w))
     walked = random_walk(grid, transition, steps)
     return F.interpolate(walked, size=cams.shape[-2:], mode="bilinear", align_corners=False)
+
+# -----------------------------------------------------------------------------
+# The read-out of a run (its --flags): batch_cams -> pseudo_mask
+
+@dataclass
+class CamConfig:
+    cam_network: str = setting("student", "whose CAMs become pseudo masks",
+                               choices=("student", "teacher"))
+    cam_method: str = setting("proj", "the student's CAM: gradcam (Grad-CAM of its last block, "
+                              "the paper) or proj (its projected class map, the map L_align "
+                              "trains)", choices=("proj", "gradcam"))
+    cam_scales: tuple[float, ...] = setting((1.0,), "input scales summed (the paper: 0.5 1 1.5 "
+                                            "2)", above=0)
+    cam_flip: bool = setting(True, "also sum the mirrored input's CAM")
+    threshold: float = setting(0.3, "a pixel is smoke where its max-normalised CAM exceeds this "
+                               "(the paper's value)", **SHARE)
+    cam_batch_size: int = setting(32, "images a batch for CAMs", at_least=1)
+
+@dataclass
+class RefineConfig:
+    background: str = setting("threshold", "background score: threshold (--threshold) or power "
+                              "((1 - max CAM)^alpha)", choices=("threshold", "power"))
+    alpha: float = setting(8.0, "exponent of the power background", above=0)
+    crf: bool = setting(False, "refine with the dense CRF")
+    crf_iters: int = setting(10, "mean-field iterations", at_least=1)
+    crf_sxy_gaussian: float = setting(3.0, "position kernel width, px", above=0)
+    crf_compat_gaussian: float = setting(3.0, "position kernel weight", at_least=0)
+    crf_sxy_bilateral: float = setting(80.0, "colour kernel's position width, px", above=0)
+    crf_srgb: float = setting(13.0, "colour kernel's colour width", above=0)
+    crf_compat_bilateral: float = setting(10.0, "colour kernel weight", at_least=0)
+    coverage_fix: bool = setting(False, "the coverage fix: spread the CAM over the student's "
+                                 "attention affinities")
+    coverage_steps: int = setting(2, "random-walk steps of the fix", at_least=1)
+    coverage_beta: float = setting(2.0, "power that sharpens the attention affinities", above=0)
+
+def batch_cams(batch: dict, cam: CamConfig, refine_config: RefineConfig, teacher, student,
+               device: torch.device, amp: str = "off") -> torch.Tensor:
+    """A batch's CAMs (B,K,H,W) at its input size: the teacher's CAM, the student's projected
+    map (the map L_align trains) or its Grad-CAM (the paper); summed over scales and mirror
+    images, spread by the coverage fix when asked, max-normalised to [0, 1], zero for the
+    classes an image's label lacks."""
+    if cam.cam_network == "teacher":
+        fn, multiple = (lambda x: teacher(x)[1].float()), 1
+    elif cam.cam_method == "gradcam":
+        fn, multiple = student.gradcam, student.backbone.patch_size
+    else:  # the foreground channels of the projected map
+        fn, multiple = (lambda x: student(x)[1][:, 1:].float()), student.backbone.patch_size
+    images = batch["image"].to(device)
+    with torch.no_grad(), models.autocast(amp, device):
+        cams = multiscale_cam(fn, images, cam.cam_scales, cam.cam_flip, multiple)
+    if refine_config.coverage_fix:
+        cams = coverage_fix(student, images, cams, refine_config.coverage_steps,
+                                        refine_config.coverage_beta)
+    return losses.normalize_maps(cams, batch["label"].to(device))
+
+def pseudo_mask(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,
+                config: RefineConfig) -> torch.Tensor:
+    """Normalised CAMs (B,K,H,W) -> masks (B,H,W) uint8: a background score, the dense CRF
+    when asked, the best score a pixel."""
+    probs = cams_to_probs(cams, config.background, cam.threshold, config.alpha)
+    if config.crf:
+        probs = dense_crf(
+            rgb.to(probs.device), probs, iters=config.crf_iters,
+            sxy_gaussian=config.crf_sxy_gaussian, compat_gaussian=config.crf_compat_gaussian,
+            sxy_bilateral=config.crf_sxy_bilateral, srgb=config.crf_srgb,
+            compat_bilateral=config.crf_compat_bilateral)
+    return probs_to_mask(probs)
 
 # -----------------------------------------------------------------------------
 # Scores: masks against ground truth (255 ignored)

@@ -430,9 +430,9 @@ def test_torchrun_processes_beyond_the_gpus_run_on_the_cpu(monkeypatch):
 def test_auto_precision_is_bf16_on_cpus_with_amx_only(monkeypatch, amx):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     cpu = torch.device("cpu")
-    assert wsss.autocast_dtype("auto", cpu) == (torch.bfloat16 if amx else None)
-    assert wsss.autocast_dtype("bf16", cpu) == torch.bfloat16
-    assert wsss.autocast_dtype("off", cpu) is None
+    assert models.autocast_dtype("auto", cpu) == (torch.bfloat16 if amx else None)
+    assert models.autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert models.autocast_dtype("off", cpu) is None
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
@@ -547,7 +547,7 @@ def test_weights_from_local_files_in_every_wrapper(tmp_path, capsys):
     for name, obj in files.items():
         torch.save(obj, tmp_path / name)
         teacher = models.Teacher(models.resnet18(num_classes=0), num_classes=1)
-        wsss.load_weights(teacher.backbone, tmp_path / name, "teacher")
+        models.load_weights(teacher.backbone, tmp_path / name, "teacher")
         assert torch.equal(teacher.backbone.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
         out = capsys.readouterr().out
         assert "unexpected (2): fc.weight, fc.bias" in out, out
@@ -555,7 +555,7 @@ def test_weights_from_local_files_in_every_wrapper(tmp_path, capsys):
     tv_vit = tiny_torchvision_vit()
     torch.save(tv_vit.state_dict(), tmp_path / "vit.pt")
     student = tiny_student()
-    wsss.load_weights(student.backbone, tmp_path / "vit.pt", "student")
+    models.load_weights(student.backbone, tmp_path / "vit.pt", "student")
     assert "dropped (2): head.weight, head.bias" in capsys.readouterr().out  # 5 classes vs 2
     assert torch.equal(student.backbone.blocks[0].attn.qkv.weight,
                        tv_vit.encoder.layers[0].self_attention.in_proj_weight)
@@ -580,21 +580,21 @@ def test_pool_maps_is_the_mean_of_the_strongest_locations():
                              1, head="cam", pool=0.25, window=3)
     logits, maps = student(torch.randn(2, 3, 32, 32))
     assert torch.allclose(logits, models.pool_maps(maps[:, 1:], 0.25, window=3))
-    config = wsss.ModelConfig(teacher_width=8, student_depth=1, image_size=32, teacher_pool=0.5)
-    assert wsss.build_teacher(config, 1).pool == 0.5  # each network its own pooling share
-    assert wsss.build_student(config, 1).pool == config.pool != 0.5
+    config = models.ModelConfig(teacher_width=8, student_depth=1, image_size=32, teacher_pool=0.5)
+    assert models.build_teacher(config, 1).pool == 0.5  # each network its own pooling share
+    assert models.build_student(config, 1).pool == config.pool != 0.5
 
 
 def test_bad_weights_files(tmp_path):
     net = models.resnet18(num_classes=0)
-    with pytest.raises(wsss.UserError, match="not found"):
-        wsss.load_weights(net, tmp_path / "none.pt", "teacher")
+    with pytest.raises(models.WeightsError, match="not found"):
+        models.load_weights(net, tmp_path / "none.pt", "teacher")
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")
-    with pytest.raises(wsss.UserError, match="cannot read weights"):
-        wsss.load_weights(net, tmp_path / "junk.pt", "teacher")
+    with pytest.raises(models.WeightsError, match="cannot read weights"):
+        models.load_weights(net, tmp_path / "junk.pt", "teacher")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
-    with pytest.raises(wsss.UserError, match="no tensor matches"):
-        wsss.load_weights(net, tmp_path / "other.pt", "teacher")
+    with pytest.raises(models.WeightsError, match="no tensor matches"):
+        models.load_weights(net, tmp_path / "other.pt", "teacher")
 
 
 def test_faithful_preset_is_the_papers_recipe_and_the_default_differs():
@@ -717,7 +717,7 @@ class PatchMeans(torch.nn.Module):
 
 def test_crop_consistency_is_zero_only_for_local_maps():
     images = torch.rand(3, 3, 32, 32) * 4
-    config = wsss.LossConfig(consistency_view="crop", consistency_scale=0.5)
+    config = losses.LossConfig(consistency_view="crop", consistency_scale=0.5)
     for glance, expect_zero in ((0.0, True), (1.0, False)):
         net = PatchMeans(glance)
         maps = net(images)[1][:, 1:]
@@ -1139,8 +1139,8 @@ def test_segmentation_loss_ignores_255_and_is_zero_without_labels():
 
 def test_segmenter_overfits_one_batch():
     torch.manual_seed(0)
-    model = wsss.ModelConfig(image_size=32, teacher_width=8, student_depth=2)
-    net = wsss.build_segmenter(model, num_classes=1)
+    model = models.ModelConfig(image_size=32, teacher_width=8, student_depth=2)
+    net = models.build_segmenter(model, num_classes=1)
     x = torch.randn(2, 3, 32, 32)
     y = torch.zeros(2, 32, 32, dtype=torch.long)
     y[0, :, :16] = 1  # smoke on the left of one image, at the bottom of the other
@@ -1228,7 +1228,7 @@ def test_predict_refuses_an_unfinished_stage_3(tiny_run, tmp_path, synth_dir, ca
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     config = wsss.read_run_config(run)
-    net = wsss.build_segmenter(config.model, 1)
+    net = models.build_segmenter(config.model, 1)
     wsss.save_checkpoint(run / "segment.pt", config, net, None, 0, False)
     code, _, err = run_cli(capsys, "predict", "--run", run, "--out", tmp_path / "o",
                            synth_dir / "images" / "val_00000.png")

@@ -42,6 +42,7 @@ from torchvision.transforms import v2
 import losses
 import models
 import postprocess
+from models import SHARE, setting
 from postprocess import IGNORE
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -56,51 +57,6 @@ class UserError(Exception):
 # =============================================================================================
 # The method, in the paper's order: settings -> data -> teacher -> student -> CAM -> mask
 # =============================================================================================
-
-def setting(default, help: str, *, choices: tuple = (), at_least: float | None = None,
-            above: float | None = None, at_most: float | None = None):
-    """A config field: its default, the help of its --flag, and the values it allows (checked
-    for flags and for a run's config.json alike, by check_settings)."""
-    allows = dict(choices=choices, at_least=at_least, above=above, at_most=at_most)
-    return field(default=default, metadata={"help": help, **allows})
-
-SHARE = dict(at_least=0, at_most=1)  # a share in [0, 1]
-
-@dataclass
-class ModelConfig:
-    teacher: str = setting("resnet18", "teacher ResNet",
-                           choices=("resnet18", "resnet34", "resnet50", "resnet101"))
-    teacher_width: int = setting(32, "channels of the teacher's first stage (64: the standard "
-                                 "ResNet)", at_least=1)
-    output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
-    pcm: bool = setting(False, "refine the teacher's CAM by its feature affinities (SEAM's "
-                        "pixel correlation module, PCM)")
-    teacher_pool: float = setting(0.1, "the teacher scores a class by the mean of this share "
-                                  "of its map's strongest locations (1: average pooling, the "
-                                  "paper; 0.1 picked on the synthetic validation split)",
-                                  above=0, at_most=1)
-    student: str = setting("vit_tiny", "student ViT", choices=("vit_tiny", "vit_small", "vit_base"))
-    student_depth: int = setting(6, "transformer blocks of the student", at_least=1)
-    student_stem: str = setting("conv", "student tokenizer: patch (linear patchify, the paper) or "
-                                "conv (stride-2 3x3 convs)", choices=("patch", "conv"))
-    student_head: str = setting(
-        "cam", "student classifier: token (class-token head, the paper) or cam (its projected "
-        "map pooled, so that the aligned map is the one read out)", choices=("token", "cam"))
-    pool: float = setting(0.03, "the same for the CAM-head student (0.03 picked on the "
-                          "synthetic validation split)", above=0, at_most=1)
-    student_window: int = setting(3, "the CAM-head student pools window x window means of its "
-                                  "map, so a region scores and a lone patch does not (picked on "
-                                  "the synthetic validation split)", choices=(1, 3, 5))
-    patch_size: int = setting(8, "student patch size in pixels", at_least=1)
-    image_size: int = setting(128, "training image side in pixels", at_least=16)
-    teacher_weights: str = setting("", "local file of pretrained teacher weights (torchvision "
-                                   "names)")
-    student_weights: str = setting("", "local file of pretrained student weights (timm or "
-                                   "torchvision names)")
-
-    def without_weights(self) -> "ModelConfig":
-        """The same networks without weight files: for networks a checkpoint fills."""
-        return dataclasses.replace(self, teacher_weights="", student_weights="")
 
 @dataclass
 class TrainConfig:
@@ -129,57 +85,6 @@ class TrainConfig:
     log_every: int = setting(20, "steps between progress lines", at_least=1)
 
 @dataclass
-class LossConfig:
-    align_weight: float = setting(3.0, "lambda, the weight of L_align (0: the student alone; "
-                                  "1: the paper's)", at_least=0)
-    align_kind: str = setting("cosine", "distance of L_align: cosine (the paper), l1 or l2",
-                              choices=losses.ALIGN_KINDS)
-    align_reduce: str = setting(
-        "channel", "cosine over the whole map (global, the paper), each channel's map, or each "
-        "location's channels (spatial)", choices=losses.ALIGN_REDUCES)
-    align_target: str = setting(
-        "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
-        "label-gated (background, smoke) pair", choices=losses.ALIGN_TARGETS)
-    consistency_weight: float = setting(1.0, "mu, the weight of L_cons", at_least=0)
-    consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
-                                       above=0)
-    consistency_view: str = setting(
-        "rescale", "L_cons's view: rescale (the whole image flipped and rescaled, maps compared "
-        "max-normalised) or crop (a flipped crop, sigmoids compared: a location's score may not "
-        "depend on what lies outside the crop)", choices=("rescale", "crop"))
-
-@dataclass
-class CamConfig:
-    cam_network: str = setting("student", "whose CAMs become pseudo masks",
-                               choices=("student", "teacher"))
-    cam_method: str = setting("proj", "the student's CAM: gradcam (Grad-CAM of its last block, "
-                              "the paper) or proj (its projected class map, the map L_align "
-                              "trains)", choices=("proj", "gradcam"))
-    cam_scales: tuple[float, ...] = setting((1.0,), "input scales summed (the paper: 0.5 1 1.5 "
-                                            "2)", above=0)
-    cam_flip: bool = setting(True, "also sum the mirrored input's CAM")
-    threshold: float = setting(0.3, "a pixel is smoke where its max-normalised CAM exceeds this "
-                               "(the paper's value)", **SHARE)
-    cam_batch_size: int = setting(32, "images a batch for CAMs", at_least=1)
-
-@dataclass
-class RefineConfig:
-    background: str = setting("threshold", "background score: threshold (--threshold) or power "
-                              "((1 - max CAM)^alpha)", choices=("threshold", "power"))
-    alpha: float = setting(8.0, "exponent of the power background", above=0)
-    crf: bool = setting(False, "refine with the dense CRF")
-    crf_iters: int = setting(10, "mean-field iterations", at_least=1)
-    crf_sxy_gaussian: float = setting(3.0, "position kernel width, px", above=0)
-    crf_compat_gaussian: float = setting(3.0, "position kernel weight", at_least=0)
-    crf_sxy_bilateral: float = setting(80.0, "colour kernel's position width, px", above=0)
-    crf_srgb: float = setting(13.0, "colour kernel's colour width", above=0)
-    crf_compat_bilateral: float = setting(10.0, "colour kernel weight", at_least=0)
-    coverage_fix: bool = setting(False, "the coverage fix: spread the CAM over the student's "
-                                 "attention affinities")
-    coverage_steps: int = setting(2, "random-walk steps of the fix", at_least=1)
-    coverage_beta: float = setting(2.0, "power that sharpens the attention affinities", above=0)
-
-@dataclass
 class SegmentConfig:
     seg_targets: str = setting("pseudo", "pseudo: the pseudo masks in --seg-masks; truth: the "
                                "ground truth (the upper bound)", choices=("pseudo", "truth"))
@@ -191,19 +96,22 @@ class SegmentConfig:
     seg_batch_size: int = setting(16, "images a step in stage 3", at_least=1)
     seg_lr: float = setting(5e-4, "AdamW peak learning rate of stage 3", above=0)
 
-CONFIGS = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig, "cam": CamConfig,
-           "refine": RefineConfig, "segment": SegmentConfig}
+# The parts of a run's settings; each part's fields are --flags (the network, loss and read-out
+# settings live beside their code: models.ModelConfig, losses.LossConfig, postprocess.*Config).
+CONFIGS = {"model": models.ModelConfig, "train": TrainConfig, "loss": losses.LossConfig,
+           "cam": postprocess.CamConfig, "refine": postprocess.RefineConfig,
+           "segment": SegmentConfig}
 FIELDS = {f.name: (part, f) for part, cls in CONFIGS.items() for f in dataclasses.fields(cls)}
 
 @dataclass
 class RunConfig:
     """Every setting of a run: RUN/config.json, and a copy in each checkpoint."""
     data: str
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: models.ModelConfig = field(default_factory=models.ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    cam: CamConfig = field(default_factory=CamConfig)
-    refine: RefineConfig = field(default_factory=RefineConfig)
+    loss: losses.LossConfig = field(default_factory=losses.LossConfig)
+    cam: postprocess.CamConfig = field(default_factory=postprocess.CamConfig)
+    refine: postprocess.RefineConfig = field(default_factory=postprocess.RefineConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
 
     def to_dict(self) -> dict:
@@ -415,26 +323,6 @@ class SmokeDataset(Dataset):
 
 # --- the two networks ----------------------------------------------------------------------
 
-def build_teacher(config: ModelConfig, num_classes: int) -> models.Teacher:
-    """A ResNet CAM classifier: its class maps are its CAMs (Zhou et al. 2016)."""
-    backbone = getattr(models, config.teacher)(num_classes=0, output_stride=config.output_stride,
-                                               width=config.teacher_width)
-    if config.teacher_weights:
-        load_weights(backbone, Path(config.teacher_weights), "teacher")
-    return models.Teacher(backbone, num_classes, pcm=config.pcm, pool=config.teacher_pool)
-
-def build_student(config: ModelConfig, num_classes: int) -> models.Student:
-    """A ViT whose patch tokens, projected, give a (background, class 1..K) map."""
-    # A CAM-head student classifies with its projected map: no class-token head to train.
-    head_classes = num_classes if config.student_head == "token" else 0
-    backbone = getattr(models, config.student)(
-        img_size=config.image_size, patch_size=config.patch_size, depth=config.student_depth,
-        num_classes=head_classes, stem=config.student_stem)
-    if config.student_weights:
-        load_weights(backbone, Path(config.student_weights), "student")
-    return models.Student(backbone, num_classes, head=config.student_head, pool=config.pool,
-                          window=config.student_window)
-
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
     """Eval mode (BatchNorm statistics fixed) and no gradients: the frozen teacher, or any
     network once trained."""
@@ -453,7 +341,7 @@ def teacher_loss(batch: dict, teacher: models.Teacher) -> dict:
 # --- stage 2: the student learns to classify, aligned to the frozen teacher ------------------
 
 def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
-                 images: torch.Tensor, labels: torch.Tensor, config: LossConfig) -> dict:
+                 images: torch.Tensor, labels: torch.Tensor, config: losses.LossConfig) -> dict:
     """L = L_cls + lambda * L_align + mu * L_cons for one batch: the paper's objective with its
     consistency regularization. `teacher`: frozen, or None for the student alone."""
     logits, maps = student(images)  # (B, K), (B, 1+K, h, w) with the background channel first
@@ -472,7 +360,7 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
     return terms
 
 def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
-                     config: LossConfig) -> torch.Tensor:
+                     config: losses.LossConfig) -> torch.Tensor:
     """L_cons for one batch: the student's class maps (B, K, h, w) of `images` against its maps
     of a flipped view, the whole image rescaled or a crop of it (--consistency-view)."""
     patch = getattr(student, "module", student).backbone.patch_size
@@ -497,8 +385,8 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
     """Stage 1, the teacher; freeze it; stage 2, the student aligned to it."""
     k = len(dataset.classes)
     torch.manual_seed(config.train.seed)
-    teacher = build_teacher(config.model, k).to(device)
-    student = build_student(config.model, k).to(device)
+    teacher = models.build_teacher(config.model, k).to(device)
+    student = models.build_student(config.model, k).to(device)
     log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
         f"parameters; student {config.model.student}: "
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
@@ -520,7 +408,7 @@ def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: t
     """The baseline: the same student and recipe without the teacher (lambda = 0), so that
     the alignment's effect is the difference of two students (RUN/alone.pt)."""
     torch.manual_seed(config.train.seed)
-    alone = build_student(config.model, len(dataset.classes)).to(device)
+    alone = models.build_student(config.model, len(dataset.classes)).to(device)
 
     def step(batch, net):
         return student_loss(net, None, batch["image"], batch["label"], config.loss)
@@ -529,44 +417,10 @@ def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: t
                 log)
     return freeze(alone)
 
-# --- from CAMs to pseudo masks: batch_cams -> pseudo_mask; a whole split: write_pseudo_masks --
-
-def batch_cams(batch: dict, cam: CamConfig, refine_config: RefineConfig, teacher, student,
-               device: torch.device, amp: str = "off") -> torch.Tensor:
-    """A batch's CAMs (B,K,H,W) at its input size: the teacher's CAM, the student's projected
-    map (the map L_align trains) or its Grad-CAM (the paper); summed over scales and mirror
-    images, spread by the coverage fix when asked, max-normalised to [0, 1], zero for the
-    classes an image's label lacks."""
-    if cam.cam_network == "teacher":
-        fn, multiple = (lambda x: teacher(x)[1].float()), 1
-    elif cam.cam_method == "gradcam":
-        fn, multiple = student.gradcam, student.backbone.patch_size
-    else:  # the foreground channels of the projected map
-        fn, multiple = (lambda x: student(x)[1][:, 1:].float()), student.backbone.patch_size
-    images = batch["image"].to(device)
-    with torch.no_grad(), autocast(amp, device):
-        cams = postprocess.multiscale_cam(fn, images, cam.cam_scales, cam.cam_flip, multiple)
-    if refine_config.coverage_fix:
-        cams = postprocess.coverage_fix(student, images, cams, refine_config.coverage_steps,
-                                        refine_config.coverage_beta)
-    return losses.normalize_maps(cams, batch["label"].to(device))
-
-def pseudo_mask(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,
-                config: RefineConfig) -> torch.Tensor:
-    """Normalised CAMs (B,K,H,W) -> masks (B,H,W) uint8: a background score, the dense CRF
-    when asked, the best score a pixel."""
-    probs = postprocess.cams_to_probs(cams, config.background, cam.threshold, config.alpha)
-    if config.crf:
-        probs = postprocess.dense_crf(
-            rgb.to(probs.device), probs, iters=config.crf_iters,
-            sxy_gaussian=config.crf_sxy_gaussian, compat_gaussian=config.crf_compat_gaussian,
-            sxy_bilateral=config.crf_sxy_bilateral, srgb=config.crf_srgb,
-            compat_bilateral=config.crf_compat_bilateral)
-    return postprocess.probs_to_mask(probs)
-
-def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig,
-                       refine_config: RefineConfig, teacher, student, device: torch.device,
-                       amp: str, overlays: Path | None = None) -> dict | None:
+def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: postprocess.CamConfig,
+                       refine_config: postprocess.RefineConfig, teacher, student,
+                       device: torch.device, amp: str, overlays: Path | None = None
+                       ) -> dict | None:
     """The split's pseudo masks into `out` (None: nowhere) at each file's own size, an overlay
     grid, and the masks' scores when the dataset has ground truth (under torchrun each
     process labels its share)."""
@@ -575,8 +429,8 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: CamConfig
     rank, size = rank_and_count()
     share = torch.utils.data.Subset(dataset, range(rank, len(dataset), size))
     for batch in torch.utils.data.DataLoader(share, batch_size=cam.cam_batch_size):
-        cams = batch_cams(batch, cam, refine_config, teacher, student, device, amp)
-        masks = pseudo_mask(batch["rgb"], cams, cam, refine_config).cpu()
+        cams = postprocess.batch_cams(batch, cam, refine_config, teacher, student, device, amp)
+        masks = postprocess.pseudo_mask(batch["rgb"], cams, cam, refine_config).cpu()
         for i, (stem, mask) in enumerate(zip(batch["stem"], masks)):
             if out is not None:
                 file_size = tuple(batch["size"][i].tolist())
@@ -656,7 +510,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                            flip=config.train.flip, crop=config.train.crop)
     device = pick_device(config.train.device)
     log(f"{config.data}: {len(dataset)} training images, classes {dataset.classes}; device "
-        f"{device}, autocast {autocast_dtype(config.train.amp, device)}")
+        f"{device}, autocast {models.autocast_dtype(config.train.amp, device)}")
     teacher, student = train_networks(run, config, dataset, device, log)
     alone = train_alone(run, config, dataset, device, log) if config.train.baseline else None
     plain = SmokeDataset(config.data, "train", size=config.model.image_size)
@@ -788,8 +642,8 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
     """A run's config and its trained, frozen teacher and student."""
     config = read_run_config(run)
     num_classes = len(read_classes(Path(config.data)))
-    teacher = build_teacher(config.model.without_weights(), num_classes)
-    student = build_student(config.model.without_weights(), num_classes)
+    teacher = models.build_teacher(config.model.without_weights(), num_classes)
+    student = models.build_student(config.model.without_weights(), num_classes)
     for name, net in (("teacher", teacher), ("student", student)):
         path = checkpoint_path(run, name)
         restore(net, load_checkpoint(path), path)
@@ -895,24 +749,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if available["cuda"]:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("mps" if available["mps"] else "cpu")
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of --amp on this device: bfloat16, or None for float32. auto: bf16
-    on CUDA that runs it, and on CPUs with AMX matrix units; on a 2-core AVX512-BF16 CPU
-    without AMX a bf16 training step took 1.25x (student) to 1.6x (teacher) fp32's time."""
-    if amp != "auto":
-        return torch.bfloat16 if amp == "bf16" else None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16 if has_amx else None
-    return None
-
-def autocast(amp: str, device: torch.device):
-    """The autocast context of --amp on this device (float32 when it has none)."""
-    dtype = autocast_dtype(amp, device)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 # --- the training loop: a checkpoint after every epoch, exact resume from it -----------------
 
@@ -1028,7 +864,7 @@ def optimizer_step(step, batch: dict, net: torch.nn.Module, optimizer: torch.opt
              if isinstance(v, torch.Tensor)}
     if t.channels_last:
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-    with autocast(t.amp, device):
+    with models.autocast(t.amp, device):
         terms = step(batch, net)
     values = global_mean(torch.stack([v.detach().float() for v in terms.values()]))
     means = dict(zip(terms, values.tolist()))
@@ -1430,36 +1266,9 @@ def prepare_smoke5k(src: Path, dst: Path, config: PrepareConfig) -> dict:
         counts[split] = {"tiles": len(r), "positive": sum(1 for _, c in r if c)}
     return counts
 
-# --- pretrained weights from a local file (nothing is downloaded) ------------------------------
-
-def load_weights(module: torch.nn.Module, path: Path, what: str) -> None:
-    """Load a local weights file into `module`, saying what did not fit."""
-    if not path.is_file():
-        raise UserError(f"{path}: weights file not found")
-    try:
-        report = models.load_pretrained(module, models.read_state_dict(path))
-    except ValueError as e:
-        raise UserError(f"{path}: {e}") from None
-    loaded = len(report.pop("loaded"))
-    print(f"{what}: loaded {loaded} tensors from {path}")
-    for kind, keys in report.items():
-        if keys:
-            print(f"  {kind} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-    if loaded == 0:
-        raise UserError(f"{path}: no tensor matches the {what}'s names")
-
 # --- stage 3: a segmentation network trained on the pseudo masks ------------------------------
 
 SEGMENT_CHECKPOINTS = {"pseudo": "segment", "truth": "segment_truth"}  # --seg-targets -> RUN/<>.pt
-
-def build_segmenter(model: ModelConfig, num_classes: int) -> models.DeepLab:
-    """DeepLabv3 on the teacher's ResNet; K + 1 outputs (background first)."""
-    side = model.image_size // model.output_stride
-    # DeepLabv3's rates (6, 12, 18) suit its 33x33 feature maps (513 px at output stride 16);
-    # scaled to this map's side, so that the branches still see different contexts.
-    rates = tuple(max(1, round(r * side / 33)) for r in (6, 12, 18))
-    return models.DeepLab(build_teacher(model, num_classes).backbone, num_classes + 1,
-                          rates=rates)
 
 def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
                     ) -> models.DeepLab:
@@ -1478,7 +1287,7 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
     if not dataset.has_masks:
         raise UserError(f"{Path(config.data) / 'masks'}: no ground-truth masks to train on")
     torch.manual_seed(config.train.seed)
-    net = build_segmenter(config.model.without_weights(), len(dataset.classes))
+    net = models.build_segmenter(config.model.without_weights(), len(dataset.classes))
     if seg.seg_init == "run":  # the teacher's trained backbone (no ImageNet weights here)
         state = load_checkpoint(checkpoint_path(run, "teacher"))["model"]
         net.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()
@@ -1506,14 +1315,15 @@ def load_segmenter(run: Path, config: RunConfig, device: torch.device,
     if not ckpt["done"]:
         raise UserError(f"{path}: stage 3 stopped before it finished; `python wsss.py segment "
                         f"--run {run}` continues it")
-    net = build_segmenter(config.model.without_weights(), len(read_classes(Path(config.data))))
+    num_classes = len(read_classes(Path(config.data)))
+    net = models.build_segmenter(config.model.without_weights(), num_classes)
     restore(net, ckpt, path)
     return freeze(net.to(device))
 
 def segment_masks(net: torch.nn.Module, images: torch.Tensor, sizes: list[tuple[int, int]],
                   device: torch.device, amp: str) -> list[torch.Tensor]:
     """Stage-3 masks (h, w) uint8 at each image's own size: logits upsampled, then argmax."""
-    with torch.no_grad(), autocast(amp, device):
+    with torch.no_grad(), models.autocast(amp, device):
         logits = net(images.to(device)).float()
     return [F.interpolate(z[None], size=size, mode="bilinear", align_corners=False)[0]
             .argmax(0).to(torch.uint8).cpu() for z, size in zip(logits, sizes)]
@@ -1564,8 +1374,9 @@ def cam_masks(config: RunConfig, teacher: models.Teacher, student: models.Studen
     with torch.no_grad():
         logits = classifier(batch["image"].to(device))[0].float()
     batch = {**batch, "label": (torch.sigmoid(logits) > 0.5).float().cpu()}
-    cams = batch_cams(batch, config.cam, config.refine, teacher, student, device, config.train.amp)
-    masks = pseudo_mask(batch["rgb"], cams, config.cam, config.refine).cpu()
+    cams = postprocess.batch_cams(batch, config.cam, config.refine, teacher, student, device,
+                                  config.train.amp)
+    masks = postprocess.pseudo_mask(batch["rgb"], cams, config.cam, config.refine).cpu()
     return [postprocess.resize_mask(m, size) for m, size in zip(masks, sizes)]
 
 def read_batch(files: list[Path], size: int) -> tuple[list, dict, list[str]]:
@@ -1726,8 +1537,8 @@ def cmd_pseudo(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     run = run_path(args.run)
     config, teacher, student = load_run(run, device)
-    cam = config_from_args(CamConfig, args, config.cam)
-    refine_config = config_from_args(RefineConfig, args, config.refine)
+    cam = config_from_args(postprocess.CamConfig, args, config.cam)
+    refine_config = config_from_args(postprocess.RefineConfig, args, config.refine)
     check_settings(cam, refine_config)
     data = Path(args.data or config.data)
     dataset = SmokeDataset(data, args.split, size=config.model.image_size)
@@ -1953,8 +1764,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the run's)")
     p.add_argument("--split", default="train", help="split to label (default: train)")
     p.add_argument("--out", help="folder for the masks (default: RUN/pseudo_<split>)")
-    add_config_flags(p.add_argument_group("cam settings (default: the run's)"), CamConfig)
-    add_config_flags(p.add_argument_group("refine settings (default: the run's)"), RefineConfig)
+    for name in ("cam", "refine"):
+        add_config_flags(p.add_argument_group(f"{name} settings (default: the run's)"),
+                         CONFIGS[name])
     p = sub.add_parser("segment", help="stage 3: a segmentation network on a run's pseudo masks")
     add_common(p, "--force", run="run folder written by `train`")
     p.add_argument("--device", help="cuda, mps, cpu or auto (default: the run's)")
@@ -2022,7 +1834,7 @@ def main(argv: list[str] | None = None) -> int:
     code, message = 0, ""
     try:
         COMMANDS[args.command](args)
-    except UserError as e:
+    except (UserError, models.WeightsError) as e:
         code, message = 2, str(e)
     except TrainingError as e:
         code, message = 1, str(e)
