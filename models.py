@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 # -----------------------------------------------------------------------------
 # ResNet, after torchvision/models/resnet.py (names kept for one-to-one weight loading)
@@ -569,6 +570,19 @@ def load_pretrained(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+def freeze(net: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm statistics fixed) and no gradients: the frozen teacher, or any
+    network once trained."""
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+def network_input(rgb: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float, ImageNet-normalised (what every network here reads)."""
+    return TF.normalize(TF.to_dtype(rgb, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD)
 
 # -----------------------------------------------------------------------------
 # The networks of a run: ModelConfig (its fields are `train`'s --flags) and the builders

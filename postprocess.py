@@ -478,6 +478,19 @@ class Scores:
         self.boundary[2] += int(true_edge.sum())
         self.boundary[3] += int((true_edge & near(pred_edge, self.tolerance)).sum())
 
+    def add_batch(self, masks: torch.Tensor, batch: dict, truth_of) -> None:
+        """A batch's masks (B, H, W) at the network's size, scored at each ground truth's own
+        size (so that `train`, `pseudo` and `eval` agree); truth_of(stem) reads a truth that
+        the batch holds only resized."""
+        for i, mask in enumerate(masks):
+            size = tuple(batch["size"][i].tolist())
+            if tuple(mask.shape) == size:  # the batch holds the truth at its own size
+                self.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
+                         else None)
+            else:
+                truth = truth_of(batch["stem"][i])
+                self.add(resize_mask(mask, size), truth["mask"], truth.get("context"))
+
     def merge(self, other: "Scores") -> None:
         """Add the counts of another split's share (distributed pseudo-mask generation)."""
         self.confusion += other.confusion

@@ -46,8 +46,6 @@ from models import SHARE, setting
 from postprocess import IGNORE
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_DATA = Path("data/synth")  # where `train` generates the default dataset on first use
 RUNS = Path("runs")  # where `train` puts a run folder unless --out names one
 
@@ -246,11 +244,6 @@ def load_mask(path: Path, size: tuple[int, int], num_classes: int) -> np.ndarray
                         f"nor {IGNORE} (ignore)")
     return mask.astype(np.uint8)
 
-def network_input(rgb: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) uint8 -> float, ImageNet-normalised (what every network here reads)."""
-    x = v2.functional.to_dtype(rgb, torch.float32, scale=True)
-    return v2.functional.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-
 class SmokeDataset(Dataset):
     """One split of a dataset folder.
 
@@ -292,7 +285,7 @@ class SmokeDataset(Dataset):
         label = torch.zeros(len(self.classes))
         label[[k - 1 for k in s.labels]] = 1.0
         return {"stem": s.stem, "size": torch.tensor([pil.height, pil.width]), "rgb": image,
-                "image": network_input(image), "label": label,
+                "image": models.network_input(image), "label": label,
                 **{k: t.as_subclass(torch.Tensor) for k, t in truth.items()}}
 
     def truth(self, s: Sample | str, h: int = 0, w: int = 0) -> dict[str, torch.Tensor]:
@@ -320,15 +313,6 @@ class SmokeDataset(Dataset):
         """Decode every file once, so that bad input stops a run before training, not during."""
         for i in range(len(self)):
             self[i]
-
-# --- the two networks ----------------------------------------------------------------------
-
-def freeze(net: torch.nn.Module) -> torch.nn.Module:
-    """Eval mode (BatchNorm statistics fixed) and no gradients: the frozen teacher, or any
-    network once trained."""
-    net.eval()
-    net.requires_grad_(False)
-    return net
 
 # --- stage 1: the teacher learns to classify -----------------------------------------------
 
@@ -394,14 +378,14 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
     stage1 = with_overrides(config, {"lr": config.train.teacher_lr, "clip_grad": 0.0})
     train_stage("teacher", teacher, teacher_loss, dataset, run, stage1,
                 config.train.teacher_epochs, device, log)
-    freeze(teacher)
+    models.freeze(teacher)
 
     def step(batch, net):
         return student_loss(net, teacher, batch["image"], batch["label"], config.loss)
 
     train_stage("student", student, step, dataset, run, config, config.train.student_epochs,
                 device, log)
-    return teacher, freeze(student)
+    return teacher, models.freeze(student)
 
 def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                 log: "Log") -> models.Student:
@@ -415,7 +399,7 @@ def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: t
 
     train_stage("alone", alone, step, dataset, run, config, config.train.student_epochs, device,
                 log)
-    return freeze(alone)
+    return models.freeze(alone)
 
 def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: postprocess.CamConfig,
                        refine_config: postprocess.RefineConfig, teacher, student,
@@ -439,25 +423,10 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: postproce
                 shown_rgb.append(batch["rgb"][i])
                 shown_mask.append(mask)
         if scores is not None:
-            score_batch(scores, masks, batch, dataset)
+            scores.add_batch(masks, batch, dataset.truth)
     if overlays is not None and shown_rgb and rank == 0:
         save_picture(postprocess.mask_grid(shown_rgb, shown_mask, len(dataset.classes)), overlays)
     return None if scores is None else gather_scores(scores).result()
-
-# --- scores ----------------------------------------------------------------------------------
-
-def score_batch(scores: postprocess.Scores, masks: torch.Tensor, batch: dict,
-                dataset: "SmokeDataset") -> None:
-    """Masks (B,H,W) at the network's size, scored as they are written: at each ground truth's
-    own size (so that `train`, `pseudo` and `eval` agree on the same masks)."""
-    for i, mask in enumerate(masks):
-        size = tuple(batch["size"][i].tolist())
-        if tuple(mask.shape) == size:  # the batch holds the truth at its own size
-            scores.add(mask, batch["mask"][i], batch["context"][i] if "context" in batch
-                       else None)
-        else:
-            truth = dataset.truth(batch["stem"][i])
-            scores.add(postprocess.resize_mask(mask, size), truth["mask"], truth.get("context"))
 
 def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
                        ) -> float:
@@ -530,31 +499,22 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # --- settings: every value checked against what its field allows ------------------------------
 
-def allowed(f: dataclasses.Field) -> str:
-    """What a setting allows, in words."""
-    m = f.metadata
-    if m["choices"]:
-        return "one of " + ", ".join(str(c) for c in m["choices"])
-    bounds = [f"{word} {m[key]}" for key, word in
-              (("at_least", "at least"), ("above", "above"), ("at_most", "at most"))
-              if m[key] is not None]
-    return " and ".join(bounds)
+BOUNDS = {"at_least": float.__ge__, "above": float.__gt__, "at_most": float.__le__}
 
 def check_value(f: dataclasses.Field, value) -> None:
     """UserError naming the flag, the value and what is allowed, when `value` is not allowed."""
     m = f.metadata
     values = value if isinstance(value, tuple) else (value,)
+    bounds = {key: m[key] for key in BOUNDS if m[key] is not None}
     if m["choices"]:
-        bad = value not in m["choices"]
-    else:
-        bad = not values  # an empty list of scales
-        for v in values:
-            bad |= ((m["at_least"] is not None and v < m["at_least"])
-                    or (m["above"] is not None and v <= m["above"])
-                    or (m["at_most"] is not None and v > m["at_most"]))
+        bad, allowed = value not in m["choices"], "one of " + ", ".join(map(str, m["choices"]))
+    else:  # an empty list of scales is bad too
+        bad = not values or any(not BOUNDS[key](float(v), float(b)) for v in values
+                                for key, b in bounds.items())
+        allowed = " and ".join(f"{key.replace('_', ' ')} {b}" for key, b in bounds.items())
     if bad:
         shown = " ".join(map(str, values))
-        raise UserError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed(f)}")
+        raise UserError(f"--{f.name.replace('_', '-')} {shown}: must be {allowed}")
 
 def check_settings(*configs) -> None:
     """Every field of the given config dataclasses (or of a RunConfig's parts) is allowed."""
@@ -647,7 +607,7 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
     for name, net in (("teacher", teacher), ("student", student)):
         path = checkpoint_path(run, name)
         restore(net, load_checkpoint(path), path)
-        freeze(net.to(device))
+        models.freeze(net.to(device))
     return config, teacher, student
 
 def checkpoint_path(run: Path, name: str) -> Path:
@@ -1303,7 +1263,7 @@ def train_segmenter(run: Path, config: RunConfig, device: torch.device, log: Log
         return {"loss": losses.segmentation_loss(net(batch["image"]), batch["mask"], IGNORE)}
 
     train_stage(name, net, step, dataset, run, stage, seg.seg_epochs, device, log)
-    return freeze(net)
+    return models.freeze(net)
 
 def load_segmenter(run: Path, config: RunConfig, device: torch.device,
                    name: str = "segment") -> torch.nn.Module | None:
@@ -1318,7 +1278,7 @@ def load_segmenter(run: Path, config: RunConfig, device: torch.device,
     num_classes = len(read_classes(Path(config.data)))
     net = models.build_segmenter(config.model.without_weights(), num_classes)
     restore(net, ckpt, path)
-    return freeze(net.to(device))
+    return models.freeze(net.to(device))
 
 def segment_masks(net: torch.nn.Module, images: torch.Tensor, sizes: list[tuple[int, int]],
                   device: torch.device, amp: str) -> list[torch.Tensor]:
@@ -1393,7 +1353,7 @@ def read_batch(files: list[Path], size: int) -> tuple[list, dict, list[str]]:
     if not loaded:
         return [], {}, skipped
     rgb = torch.stack([v2.functional.resize(r, [size, size], antialias=True) for _, r in loaded])
-    return loaded, {"image": network_input(rgb), "rgb": rgb}, skipped
+    return loaded, {"image": models.network_input(rgb), "rgb": rgb}, skipped
 
 def predict(run: Path, files: list[Path], out: Path, device: torch.device,
             batch_size: int) -> dict:
