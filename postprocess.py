@@ -330,8 +330,11 @@ def attention_affinity(attentions: list[torch.Tensor], beta: float = 2.0) -> tor
     average heads and blocks, drop the class token, symmetrise, sharpen by the power beta,
     and normalise rows to sum to one.  attentions: list of (B, heads, 1+N, 1+N) -> (B, N, N)."""
     a = torch.stack([x[:, :, 1:, 1:].float().mean(1) for x in attentions]).mean(0)  # (B,N,N)
-    a = ((a + a.transpose(1, 2)) / 2) ** beta
-    return a / a.sum(dim=2, keepdim=True).clamp(min=1e-8)
+    a = (a + a.transpose(1, 2)) / 2
+    # Each row scaled to a maximum of 1 first (the normalised result is the same): attention
+    # weights near 1/N would underflow to 0 under a large beta.
+    a = (a / a.amax(dim=2, keepdim=True).clamp(min=1e-30)) ** beta
+    return a / a.sum(dim=2, keepdim=True)
 
 def random_walk(cams: torch.Tensor, transition: torch.Tensor, steps: int = 2) -> torch.Tensor:
     """Propagate CAMs along a transition matrix (AffinityNet's random walk, Ahn & Kwak 2018):

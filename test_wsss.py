@@ -1012,6 +1012,15 @@ def test_random_walk_over_affinities():
     attn = [torch.rand(2, 3, 13, 13).softmax(-1) for _ in range(2)]
     t = postprocess.attention_affinity(attn, beta=2.0)
     assert t.shape == (2, 12, 12) and torch.allclose(t.sum(-1), torch.ones(2, 12))
+    a = (attn[0][:, :, 1:, 1:].mean(1) + attn[1][:, :, 1:, 1:].mean(1)) / 2  # brute force
+    a = ((a + a.transpose(1, 2)) / 2) ** 2
+    assert torch.allclose(t, a / a.sum(-1, keepdim=True), atol=1e-6)
+    # A sharp power of the near-uniform attention of 256 tokens, 1/256 ** 32, underflows
+    # float32; the transition must still be the power's normalised rows, not zeros.
+    near_uniform = [torch.full((1, 1, 257, 257), 1 / 257) + torch.eye(257) * 1e-3]
+    t = postprocess.attention_affinity(near_uniform, beta=32.0)
+    assert torch.allclose(t.sum(-1), torch.ones(1, 256))
+    assert torch.allclose(t[0, 0, 0] / t[0, 0, 1], torch.tensor(((1 / 257 + 1e-3) * 257) ** 32))
 
 
 def test_pseudo_writes_masks_overlays_and_scores(tiny_run, tmp_path, capsys):
