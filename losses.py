@@ -7,6 +7,8 @@
 - consistency_loss: equivariance of the student's maps under flip + rescale (SEAM's ECR idea).
 - crop_consistency_loss: locality of the student's maps: a crop's map is that crop of the map.
 - segmentation_loss: stage 3, per-pixel cross-entropy on pseudo masks with an ignore label.
+- LossConfig: lambda, mu and the alignment's form (`train`'s flags); `wsss.student_loss` sums
+  the terms with them.
 """
 
 from dataclasses import dataclass

@@ -8,6 +8,8 @@
   projection of the patch tokens + a classifier (its class token, or its pooled map).
   Both return (logits, maps); the student also gives its Grad-CAM.
 - Stage 3: DeepLab (ResNet + ASPP), per-pixel logits for training on pseudo masks.
+- ModelConfig, the networks of a run (its fields are `train`'s flags), and the builders
+  build_teacher, build_student, build_segmenter; `setting` declares any config field.
 
 Networks only: tensors in, tensors out, and weights from a file the caller names; no argv.
 """

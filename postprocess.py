@@ -2,7 +2,8 @@
 
 Functions of tensors (images, CAMs, probabilities) and of trained networks, batched, on any
 device:  multiscale_cam -> (coverage_fix) -> [losses.normalize_maps] -> cams_to_probs ->
-(dense_crf) -> probs_to_mask;  Scores counts a mask against the ground truth.
+(dense_crf) -> probs_to_mask;  Scores counts a mask against the ground truth. A run's read-out
+settings (CamConfig, RefineConfig) drive them in two calls: batch_cams, then pseudo_mask.
 """
 
 import copy
