@@ -592,7 +592,7 @@ def network_input(rgb: torch.Tensor) -> torch.Tensor:
 def setting(default, help: str, *, choices: tuple = (), at_least: float | None = None,
             above: float | None = None, at_most: float | None = None):
     """A config field: its default, the help of its --flag, and the values it allows (checked
-    for flags and for a run's config.json alike, by check_settings)."""
+    for flags and for a run's config.json alike, by wsss.check_settings)."""
     allows = dict(choices=choices, at_least=at_least, above=above, at_most=at_most)
     return field(default=default, metadata={"help": help, **allows})
 

@@ -410,7 +410,7 @@ def batch_cams(batch: dict, cam: CamConfig, refine_config: RefineConfig, teacher
         cams = multiscale_cam(fn, images, cam.cam_scales, cam.cam_flip, multiple)
     if refine_config.coverage_fix:
         cams = coverage_fix(student, images, cams, refine_config.coverage_steps,
-                                        refine_config.coverage_beta)
+                            refine_config.coverage_beta)
     return losses.normalize_maps(cams, batch["label"].to(device))
 
 def pseudo_mask(rgb: torch.Tensor, cams: torch.Tensor, cam: CamConfig,

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import shutil
 import sys
@@ -499,7 +500,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # --- settings: every value checked against what its field allows ------------------------------
 
-BOUNDS = {"at_least": float.__ge__, "above": float.__gt__, "at_most": float.__le__}
+BOUNDS = {"at_least": operator.ge, "above": operator.gt, "at_most": operator.le}
 
 def check_value(f: dataclasses.Field, value) -> None:
     """UserError naming the flag, the value and what is allowed, when `value` is not allowed."""
@@ -509,7 +510,7 @@ def check_value(f: dataclasses.Field, value) -> None:
     if m["choices"]:
         bad, allowed = value not in m["choices"], "one of " + ", ".join(map(str, m["choices"]))
     else:  # an empty list of scales is bad too
-        bad = not values or any(not BOUNDS[key](float(v), float(b)) for v in values
+        bad = not values or any(not BOUNDS[key](v, b) for v in values
                                 for key, b in bounds.items())
         allowed = " and ".join(f"{key.replace('_', ' ')} {b}" for key, b in bounds.items())
     if bad:
