@@ -1,13 +1,14 @@
 """The losses of the method, as small pure functions of tensors.
 
-    L = L_cls + lambda * L_align + mu * L_cons        (lambda = 1 in the paper)
+    L = L_cls + lambda * L_align + kappa * L_kd + mu * L_cons   (the paper: lambda 1, kappa 0)
 
 - classification_loss: multi-label BCE on image labels (both networks).
 - alignment_loss: the cross-architecture knowledge transfer, student map -> frozen teacher map.
+- distillation_loss: the frozen teacher's image probabilities as the student's soft labels.
 - consistency_loss: equivariance of the student's maps under flip + rescale (SEAM's ECR idea).
 - crop_consistency_loss: locality of the student's maps: a crop's map is that crop of the map.
 - segmentation_loss: stage 3, per-pixel cross-entropy on pseudo masks with an ignore label.
-- LossConfig: lambda, mu and the alignment's form (`train`'s flags); `wsss.student_loss` sums
+- LossConfig: lambda, kappa, mu and the alignment's form (`train`'s flags); `wsss.student_loss` sums
   the terms with them.
 """
 
@@ -83,6 +84,16 @@ def alignment_target(teacher_map: torch.Tensor, labels: torch.Tensor, target: st
     bg = 1 - fg.amax(dim=1, keepdim=True)
     return torch.cat([bg, fg], dim=1)
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Soft distillation of the teacher's image-level decision (Hinton et al. 2015; DeiT's soft
+    variant, for multi-label sigmoids):
+
+    L_kd = mean_{b,k} BCE(s(z^S_bk), s(z^T_bk)),  s = sigmoid; both (B, K), the teacher's
+    detached, so the student learns what the frozen teacher believes, not only the label.
+    """
+    target = torch.sigmoid(teacher_logits.detach().float())
+    return F.binary_cross_entropy_with_logits(student_logits.float(), target)
+
 def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
     """The augmentation of the consistency loss: bilinear resize to `size`, then an optional
     horizontal flip. x: (B, C, H, W) -> (B, C, *size). Applied to images and to maps alike."""
@@ -137,8 +148,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int) -
 
 @dataclass
 class LossConfig:
-    align_weight: float = setting(3.0, "lambda, the weight of L_align (0: the student alone; "
-                                  "1: the paper's)", at_least=0)
+    align_weight: float = setting(3.0, "lambda, the weight of L_align (1: the paper's; 0 with "
+                                  "kappa 0: the student alone)", at_least=0)
     align_kind: str = setting("cosine", "distance of L_align: cosine (the paper), l1 or l2",
                               choices=ALIGN_KINDS)
     align_reduce: str = setting(
@@ -147,6 +158,9 @@ class LossConfig:
     align_target: str = setting(
         "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
         "label-gated (background, smoke) pair", choices=ALIGN_TARGETS)
+    distill_weight: float = setting(0.0, "kappa, the weight of L_kd, the teacher's image "
+                                    "probabilities as soft labels (0: off, the paper)",
+                                    at_least=0)
     consistency_weight: float = setting(1.0, "mu, the weight of L_cons", at_least=0)
     consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
                                        above=0)

@@ -690,6 +690,33 @@ def test_alignment_gradient_reaches_only_the_student():
     assert student.proj.weight.grad.abs().sum() > 0
 
 
+def test_distillation_loss_is_bce_against_the_teachers_probabilities():
+    student = torch.tensor([[2.0, -1.0]], requires_grad=True)
+    teacher = torch.tensor([[0.5, -3.0]], requires_grad=True)
+    q, p = torch.sigmoid(teacher).detach(), torch.sigmoid(student)
+    expected = -(q * p.log() + (1 - q) * (1 - p).log()).mean()
+    loss = losses.distillation_loss(student, teacher)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert teacher.grad is None  # the teacher's decision is a target, never trained
+    # Its minimum, where the student believes what the teacher does: the gradient vanishes.
+    same = teacher.detach().clone().requires_grad_(True)
+    losses.distillation_loss(same, teacher).backward()
+    assert same.grad.abs().max() < 1e-7
+
+
+def test_student_loss_adds_each_weighted_term():
+    torch.manual_seed(0)
+    student, teacher = tiny_student(), models.freeze(tiny_teacher(pcm=False))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    config = losses.LossConfig(align_weight=2.0, distill_weight=0.5, consistency_weight=0.0)
+    terms = wsss.student_loss(student, teacher, x, y, config)
+    assert set(terms) == {"cls", "align", "kd", "loss"}
+    assert torch.allclose(terms["loss"], terms["cls"] + 2 * terms["align"] + 0.5 * terms["kd"])
+    alone = wsss.student_loss(student, None, x, y, config)  # no teacher: no teacher's terms
+    assert set(alone) == {"cls", "loss"}
+
+
 def test_consistency_loss_zero_for_equivariant_maps():
     maps = torch.linspace(0, 1, 8).expand(2, 1, 8, 8)  # a left-to-right ramp
     aug = losses.flip_and_resize(maps, (6, 6), flip=True)

@@ -72,7 +72,7 @@ class TrainConfig:
     flip: bool = setting(True, "random horizontal flips (the paper: none)")
     crop: float = setting(0.7, "random resized crops keep at least this share of the image "
                           "(1: none, the paper)", above=0, at_most=1)
-    baseline: bool = setting(True, "also train the student alone (lambda = 0) for comparison")
+    baseline: bool = setting(True, "also train the student alone (no teacher) to compare")
     seed: int = setting(0, "seed of initialisation and data order")
     amp: str = setting("auto", "bfloat16 mixed precision; auto: where the device runs it fast",
                        choices=("auto", "bf16", "off"))
@@ -144,7 +144,7 @@ def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
 FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, teacher_pool=1.0,
                 flip=False, crop=1.0, align_target="raw", align_reduce="global",
                 consistency_weight=0.0, cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0),
-                threshold=0.3, teacher_lr=5e-4, align_weight=1.0,
+                threshold=0.3, teacher_lr=5e-4, align_weight=1.0, distill_weight=0.0,
                 clip_grad=0.0)  # one learning rate, no clipping: the paper
 PRESETS = {
     "cpu": {},
@@ -327,20 +327,25 @@ def teacher_loss(batch: dict, teacher: models.Teacher) -> dict:
 
 def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
                  images: torch.Tensor, labels: torch.Tensor, config: losses.LossConfig) -> dict:
-    """L = L_cls + lambda * L_align + mu * L_cons for one batch: the paper's objective with its
-    consistency regularization. `teacher`: frozen, or None for the student alone."""
+    """L = L_cls + lambda * L_align + kappa * L_kd + mu * L_cons for one batch: the paper's
+    objective with its consistency regularization, and the teacher's image probabilities as
+    soft labels (kappa = 0: the paper). `teacher`: frozen, or None for the student alone."""
     logits, maps = student(images)  # (B, K), (B, 1+K, h, w) with the background channel first
     terms = {"cls": losses.classification_loss(logits, labels)}
+    if teacher is not None and config.align_weight + config.distill_weight > 0:
+        with torch.no_grad():  # the frozen teacher only gives the targets
+            teacher_logits, teacher_maps = teacher(images)  # (B, K), (B, K, h, w)
     if teacher is not None and config.align_weight > 0:
-        with torch.no_grad():  # the frozen teacher only gives the target
-            _, teacher_maps = teacher(images)  # (B, K, h, w)
         target = losses.alignment_target(teacher_maps, labels, config.align_target)
         aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
         terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
                                                config.align_reduce)
+    if teacher is not None and config.distill_weight > 0:
+        terms["kd"] = losses.distillation_loss(logits, teacher_logits)
     if config.consistency_weight > 0:  # the map of an augmented view = that view of the map
         terms["cons"] = consistency_term(student, images, maps[:, 1:], config)
     terms["loss"] = (terms["cls"] + config.align_weight * terms.get("align", 0.0)
+                     + config.distill_weight * terms.get("kd", 0.0)
                      + config.consistency_weight * terms.get("cons", 0.0))
     return terms
 
@@ -390,8 +395,8 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
 
 def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                 log: "Log") -> models.Student:
-    """The baseline: the same student and recipe without the teacher (lambda = 0), so that
-    the alignment's effect is the difference of two students (RUN/alone.pt)."""
+    """The baseline: the same student and recipe without the teacher (lambda = kappa = 0), so
+    that the teacher's effect is the difference of two students (RUN/alone.pt)."""
     torch.manual_seed(config.train.seed)
     alone = models.build_student(config.model, len(dataset.classes)).to(device)
 
@@ -1389,7 +1394,8 @@ def predict(run: Path, files: list[Path], out: Path, device: torch.device,
 # key -> (label, training overrides, CAM/refine overrides)
 ABLATION_ROWS = {
     "teacher": ("teacher CAM (ResNet)", {}, {"cam_network": "teacher"}),
-    "alone": ("student CAM alone (ViT, λ = 0)", {"align_weight": 0.0}, {}),
+    "alone": ("student CAM alone (ViT, λ = κ = 0)", {"align_weight": 0.0, "distill_weight": 0.0},
+              {}),
     "aligned": ("aligned student, cosine channel (the method)", {}, {}),
     "global": ("aligned student, cosine global", {"align_reduce": "global"}, {}),
     "window1": ("aligned student, single-patch pooling", {"student_window": 1}, {}),
@@ -1403,7 +1409,7 @@ ABLATION_ROWS = {
     "no-consistency": ("no consistency loss (μ = 0)", {"consistency_weight": 0.0}, {}),
     "crop": ("crop consistency view", {"consistency_view": "crop"}, {}),
     "alone-crop": ("student alone, crop consistency view",
-                   {"align_weight": 0.0, "consistency_view": "crop"}, {}),
+                   {"align_weight": 0.0, "distill_weight": 0.0, "consistency_view": "crop"}, {}),
     "single-scale": ("single-scale CAM (no multi-scale, no flip)", {},
                      {"cam_scales": (1.0,), "cam_flip": False}),
     "crf": ("+ dense CRF", {}, {"crf": True}),
@@ -1692,7 +1698,8 @@ def add_common(p: argparse.ArgumentParser, *flags: str, run: str = "") -> None:
         kind = {"action": "store_true"} if flag != "--device" else {"default": "auto"}
         p.add_argument(flag, help=texts[flag], **kind)
 
-FIRST_FLAGS = ("align_weight", "consistency_weight", "teacher_epochs", "student_epochs", "seed")
+FIRST_FLAGS = ("align_weight", "distill_weight", "consistency_weight", "teacher_epochs",
+               "student_epochs", "seed")
 
 def add_run_settings(p: argparse.ArgumentParser, preset: str) -> None:
     """train's and ablate's settings: the few a reader changes first, then a group a part."""
