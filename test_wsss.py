@@ -606,6 +606,7 @@ def test_faithful_preset_is_the_papers_recipe_and_the_default_differs():
     assert (paper.model.student_head, paper.cam.cam_method) == ("token", "gradcam")
     assert (paper.loss.align_target, paper.loss.align_reduce) == ("raw", "global")
     assert paper.loss.consistency_weight == 0.0 and paper.cam.threshold == 0.3
+    assert paper.loss.distill_weight == 0.0  # no soft labels from the teacher in the paper
     assert paper.cam.cam_scales == (0.5, 1.0, 1.5, 2.0)
 
 
