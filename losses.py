@@ -158,9 +158,9 @@ class LossConfig:
     align_target: str = setting(
         "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
         "label-gated (background, smoke) pair", choices=ALIGN_TARGETS)
-    distill_weight: float = setting(0.0, "kappa, the weight of L_kd, the teacher's image "
-                                    "probabilities as soft labels (0: off, the paper)",
-                                    at_least=0)
+    distill_weight: float = setting(1.0, "kappa, the weight of L_kd, the teacher's image "
+                                    "probabilities as soft labels (0: off, the paper; 1 picked "
+                                    "on the synthetic validation split)", at_least=0)
     consistency_weight: float = setting(1.0, "mu, the weight of L_cons", at_least=0)
     consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
                                        above=0)

@@ -602,6 +602,7 @@ def test_faithful_preset_is_the_papers_recipe_and_the_default_differs():
     class-token student read by Grad-CAM over four scales, raw-map global cosine, no L_cons."""
     paper, default = wsss.preset_config("faithful"), wsss.preset_config("cpu")
     assert (paper.loss.align_weight, default.loss.align_weight) == (1.0, 3.0)
+    assert default.loss.distill_weight == 1.0
     assert paper.model.teacher_pool == paper.model.pool == 1.0
     assert (paper.model.student_head, paper.cam.cam_method) == ("token", "gradcam")
     assert (paper.loss.align_target, paper.loss.align_reduce) == ("raw", "global")
@@ -913,7 +914,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys, synth_dir):
     assert result.stdout.count("student epoch 2/2 step 3/3") == 1  # one process logs
     a = loss_curve((single / "log.txt").read_text(), "student")
     b = loss_curve((ddp / "log.txt").read_text(), "student")
-    assert a.shape == b.shape == (6, 4) and np.allclose(a, b, atol=1e-4)
+    assert a.shape == b.shape == (6, 5) and np.allclose(a, b, atol=1e-4)  # cls align kd cons loss
     wa = wsss.load_checkpoint(single / "student.pt")["model"]
     wb = wsss.load_checkpoint(ddp / "student.pt")["model"]
     # Within 1e-3: the key bias has no true gradient (softmax ignores a shift shared by all
@@ -1149,11 +1150,11 @@ def test_ablate_quick_writes_a_table_and_reuses_runs(tmp_path, capsys, synth_dir
     assert "teacher CAM (ResNet)" in table and "+ dense CRF" in table and " ± " in table
     assert "(val split, 2 seeds)" in table  # --quick scores the validation split
     runs = sorted(p.name for p in out.iterdir() if p.name.endswith(("seed0", "seed1")))
-    assert runs == ["align_weight=0.0_seed0", "align_weight=0.0_seed1", "default_seed0",
-                    "default_seed1"]
+    alone = "align_weight=0.0_distill_weight=0.0"  # the student alone: no teacher's term
+    assert runs == [f"{alone}_seed0", f"{alone}_seed1", "default_seed0", "default_seed1"]
     # The teacher stage is shared by the runs of one seed.
     a = wsss.load_checkpoint(out / "default_seed0" / "teacher.pt")["model"]
-    b = wsss.load_checkpoint(out / "align_weight=0.0_seed0" / "teacher.pt")["model"]
+    b = wsss.load_checkpoint(out / f"{alone}_seed0" / "teacher.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # A second call trains nothing: finished runs are reused.
     code, stdout, _ = run_cli(capsys, *args)
