@@ -91,8 +91,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     L_kd = mean_{b,k} BCE(s(z^S_bk), s(z^T_bk)),  s = sigmoid; both (B, K), the teacher's
     detached, so the student learns what the frozen teacher believes, not only the label.
     """
-    target = torch.sigmoid(teacher_logits.detach().float())
-    return F.binary_cross_entropy_with_logits(student_logits.float(), target)
+    return classification_loss(student_logits, torch.sigmoid(teacher_logits.detach().float()))
 
 def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
     """The augmentation of the consistency loss: bilinear resize to `size`, then an optional

@@ -335,13 +335,13 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
     if teacher is not None and config.align_weight + config.distill_weight > 0:
         with torch.no_grad():  # the frozen teacher only gives the targets
             teacher_logits, teacher_maps = teacher(images)  # (B, K), (B, K, h, w)
-    if teacher is not None and config.align_weight > 0:
-        target = losses.alignment_target(teacher_maps, labels, config.align_target)
-        aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
-        terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
-                                               config.align_reduce)
-    if teacher is not None and config.distill_weight > 0:
-        terms["kd"] = losses.distillation_loss(logits, teacher_logits)
+        if config.align_weight > 0:
+            target = losses.alignment_target(teacher_maps, labels, config.align_target)
+            aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
+            terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
+                                                   config.align_reduce)
+        if config.distill_weight > 0:
+            terms["kd"] = losses.distillation_loss(logits, teacher_logits)
     if config.consistency_weight > 0:  # the map of an augmented view = that view of the map
         terms["cons"] = consistency_term(student, images, maps[:, 1:], config)
     terms["loss"] = (terms["cls"] + config.align_weight * terms.get("align", 0.0)
