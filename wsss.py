@@ -1391,11 +1391,11 @@ def predict(run: Path, files: list[Path], out: Path, device: torch.device,
 
 # --- the ablation: the paper's comparisons, one training per distinct setting and seed ---------
 
+ALONE = {"align_weight": 0.0, "distill_weight": 0.0}  # the student without its teacher's terms
 # key -> (label, training overrides, CAM/refine overrides)
 ABLATION_ROWS = {
     "teacher": ("teacher CAM (ResNet)", {}, {"cam_network": "teacher"}),
-    "alone": ("student CAM alone (ViT, λ = κ = 0)", {"align_weight": 0.0, "distill_weight": 0.0},
-              {}),
+    "alone": ("student CAM alone (ViT, λ = κ = 0)", ALONE, {}),
     "aligned": ("aligned student, cosine channel (the method)", {}, {}),
     "no-distill": ("aligned student without soft labels (κ = 0)", {"distill_weight": 0.0}, {}),
     "global": ("aligned student, cosine global", {"align_reduce": "global"}, {}),
@@ -1409,8 +1409,8 @@ ABLATION_ROWS = {
     "lambda1.5": ("λ = 1.5", {"align_weight": 1.5}, {}),
     "no-consistency": ("no consistency loss (μ = 0)", {"consistency_weight": 0.0}, {}),
     "crop": ("crop consistency view", {"consistency_view": "crop"}, {}),
-    "alone-crop": ("student alone, crop consistency view",
-                   {"align_weight": 0.0, "distill_weight": 0.0, "consistency_view": "crop"}, {}),
+    "alone-crop": ("student alone, crop consistency view", {**ALONE, "consistency_view": "crop"},
+                   {}),
     "single-scale": ("single-scale CAM (no multi-scale, no flip)", {},
                      {"cam_scales": (1.0,), "cam_flip": False}),
     "crf": ("+ dense CRF", {}, {"crf": True}),
