@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -774,6 +775,26 @@ def test_optimizer_step_clips_the_gradient_norm(clip):
     wsss.optimizer_step(step, {"image": x}, net, optimizer, 1.0, torch.device("cpu"), config)
     moved = (torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm()
     assert norm > 1 and torch.isclose(moved, norm if clip == 0 else torch.tensor(clip))
+
+
+def test_student_alone_starts_where_the_aligned_student_starts(monkeypatch, tmp_path):
+    # A paired comparison: the two students differ only in the teacher's terms.
+    starts = {}
+
+    def record(stage, net, *args):
+        starts[stage] = {k: v.clone() for k, v in net.state_dict().items()}
+
+    monkeypatch.setattr(wsss, "train_stage", record)
+    config = wsss.preset_config("quick")
+    dataset = types.SimpleNamespace(classes=["smoke"])
+    log = wsss.Log(None)
+    wsss.train_networks(tmp_path, config, dataset, torch.device("cpu"), log)
+    wsss.train_alone(tmp_path, config, dataset, torch.device("cpu"), log)
+    assert set(starts) == {"teacher", "student", "alone"}
+    assert all(torch.equal(v, starts["alone"][k]) for k, v in starts["student"].items())
+    other = wsss.with_overrides(config, {"seed": 1})
+    wsss.train_alone(tmp_path, other, dataset, torch.device("cpu"), log)
+    assert not torch.equal(starts["alone"]["proj.weight"], starts["student"]["proj.weight"])
 
 
 def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):

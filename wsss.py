@@ -370,13 +370,18 @@ def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch
     _, maps_aug = student(crop)
     return losses.crop_consistency_loss(maps_aug[:, 1:], target)
 
+def initial_networks(config: RunConfig, num_classes: int, device: torch.device
+                     ) -> tuple[models.Teacher, models.Student]:
+    """The teacher and the student at their initial weights, drawn from the run's seed: the
+    student alone starts where the aligned student starts (a paired comparison)."""
+    torch.manual_seed(config.train.seed)
+    teacher = models.build_teacher(config.model, num_classes).to(device)
+    return teacher, models.build_student(config.model, num_classes).to(device)
+
 def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                    log: "Log") -> tuple[models.Teacher, models.Student]:
     """Stage 1, the teacher; freeze it; stage 2, the student aligned to it."""
-    k = len(dataset.classes)
-    torch.manual_seed(config.train.seed)
-    teacher = models.build_teacher(config.model, k).to(device)
-    student = models.build_student(config.model, k).to(device)
+    teacher, student = initial_networks(config, len(dataset.classes), device)
     log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
         f"parameters; student {config.model.student}: "
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
@@ -395,10 +400,10 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
 
 def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                 log: "Log") -> models.Student:
-    """The baseline: the same student and recipe without the teacher (lambda = kappa = 0), so
-    that the teacher's effect is the difference of two students (RUN/alone.pt)."""
-    torch.manual_seed(config.train.seed)
-    alone = models.build_student(config.model, len(dataset.classes)).to(device)
+    """The baseline: the same student, from the same initial weights, and the same recipe
+    without the teacher (lambda = kappa = 0), so that the teacher's effect is the difference
+    of two students (RUN/alone.pt)."""
+    _, alone = initial_networks(config, len(dataset.classes), device)
 
     def step(batch, net):
         return student_loss(net, None, batch["image"], batch["label"], config.loss)
