@@ -164,6 +164,7 @@ class LossConfig:
     consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
                                        above=0)
     consistency_view: str = setting(
-        "rescale", "L_cons's view: rescale (the whole image flipped and rescaled, maps compared "
-        "max-normalised) or crop (a flipped crop, sigmoids compared: a location's score may not "
-        "depend on what lies outside the crop)", choices=("rescale", "crop"))
+        "crop", "L_cons's view: crop (a flipped crop, sigmoids compared: a location's score may "
+        "not depend on what lies outside the crop; picked on the synthetic validation split) or "
+        "rescale (the whole image flipped and rescaled, maps compared max-normalised)",
+        choices=("crop", "rescale"))

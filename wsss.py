@@ -352,23 +352,23 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
 def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
                      config: losses.LossConfig) -> torch.Tensor:
     """L_cons for one batch: the student's class maps (B, K, h, w) of `images` against its maps
-    of a flipped view, the whole image rescaled or a crop of it (--consistency-view)."""
+    of a flipped view, a crop of the image or the whole image rescaled (--consistency-view)."""
     patch = getattr(student, "module", student).backbone.patch_size
     flip = bool(torch.rand(()) < 0.5)
-    if config.consistency_view == "rescale":
-        side = max(patch, round(images.shape[-1] * config.consistency_scale / patch) * patch)
-        _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
-        return losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
-            maps, maps_aug.shape[-2:], flip))
-    h, w = maps.shape[-2:]  # the token grid; a crop of whole patches keeps tokens aligned
-    ch, cw = (max(1, round(n * config.consistency_scale)) for n in (h, w))
-    y, x = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
-    crop = images[..., y * patch:(y + ch) * patch, x * patch:(x + cw) * patch]
-    target = maps[..., y:y + ch, x:x + cw]
-    if flip:
-        crop, target = crop.flip(-1), target.flip(-1)
-    _, maps_aug = student(crop)
-    return losses.crop_consistency_loss(maps_aug[:, 1:], target)
+    if config.consistency_view == "crop":
+        h, w = maps.shape[-2:]  # the token grid; a crop of whole patches keeps tokens aligned
+        ch, cw = (max(1, round(n * config.consistency_scale)) for n in (h, w))
+        y, x = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
+        crop = images[..., y * patch:(y + ch) * patch, x * patch:(x + cw) * patch]
+        target = maps[..., y:y + ch, x:x + cw]
+        if flip:
+            crop, target = crop.flip(-1), target.flip(-1)
+        _, maps_aug = student(crop)
+        return losses.crop_consistency_loss(maps_aug[:, 1:], target)
+    side = max(patch, round(images.shape[-1] * config.consistency_scale / patch) * patch)
+    _, maps_aug = student(losses.flip_and_resize(images, (side, side), flip))
+    return losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
+        maps, maps_aug.shape[-2:], flip))
 
 def initial_networks(config: RunConfig, num_classes: int, device: torch.device
                      ) -> tuple[models.Teacher, models.Student]:
@@ -1413,9 +1413,9 @@ ABLATION_ROWS = {
     "lambda0.5": ("λ = 0.5", {"align_weight": 0.5}, {}),
     "lambda1.5": ("λ = 1.5", {"align_weight": 1.5}, {}),
     "no-consistency": ("no consistency loss (μ = 0)", {"consistency_weight": 0.0}, {}),
-    "crop": ("crop consistency view", {"consistency_view": "crop"}, {}),
-    "alone-crop": ("student alone, crop consistency view", {**ALONE, "consistency_view": "crop"},
-                   {}),
+    "rescale": ("rescaled consistency view", {"consistency_view": "rescale"}, {}),
+    "alone-rescale": ("student alone, rescaled consistency view",
+                      {**ALONE, "consistency_view": "rescale"}, {}),
     "single-scale": ("single-scale CAM (no multi-scale, no flip)", {},
                      {"cam_scales": (1.0,), "cam_flip": False}),
     "crf": ("+ dense CRF", {}, {"crf": True}),
