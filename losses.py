@@ -5,8 +5,9 @@
 - classification_loss: multi-label BCE on image labels (both networks).
 - alignment_loss: the cross-architecture knowledge transfer, student map -> frozen teacher map.
 - distillation_loss: the frozen teacher's image probabilities as the student's soft labels.
+- crop_consistency_loss: locality of the student's maps: a crop's map is that crop of the map
+  (the default L_cons).
 - consistency_loss: equivariance of the student's maps under flip + rescale (SEAM's ECR idea).
-- crop_consistency_loss: locality of the student's maps: a crop's map is that crop of the map.
 - segmentation_loss: stage 3, per-pixel cross-entropy on pseudo masks with an ignore label.
 - LossConfig: lambda, kappa, mu and the alignment's form (`train`'s flags); `wsss.student_loss` sums
   the terms with them.
