@@ -370,18 +370,18 @@ def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch
     return losses.consistency_loss(maps_aug[:, 1:], losses.flip_and_resize(
         maps, maps_aug.shape[-2:], flip))
 
-def initial_networks(config: RunConfig, num_classes: int, device: torch.device
-                     ) -> tuple[models.Teacher, models.Student]:
-    """The teacher and the student at their initial weights, drawn from the run's seed: the
-    student alone starts where the aligned student starts (a paired comparison)."""
+def initial_networks(config: RunConfig, num_classes: int) -> tuple[models.Teacher, models.Student]:
+    """The teacher and the student at their initial weights (on the CPU), drawn in this order
+    from the run's seed: the student alone starts where the aligned student starts."""
     torch.manual_seed(config.train.seed)
-    teacher = models.build_teacher(config.model, num_classes).to(device)
-    return teacher, models.build_student(config.model, num_classes).to(device)
+    teacher = models.build_teacher(config.model, num_classes)
+    return teacher, models.build_student(config.model, num_classes)
 
 def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                    log: "Log") -> tuple[models.Teacher, models.Student]:
     """Stage 1, the teacher; freeze it; stage 2, the student aligned to it."""
-    teacher, student = initial_networks(config, len(dataset.classes), device)
+    teacher, student = initial_networks(config, len(dataset.classes))
+    teacher, student = teacher.to(device), student.to(device)
     log(f"teacher {config.model.teacher}: {models.count_parameters(teacher) / 1e6:.2f} M "
         f"parameters; student {config.model.student}: "
         f"{models.count_parameters(student) / 1e6:.2f} M parameters")
@@ -403,7 +403,10 @@ def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: t
     """The baseline: the same student, from the same initial weights, and the same recipe
     without the teacher (lambda = kappa = 0), so that the teacher's effect is the difference
     of two students (RUN/alone.pt)."""
-    _, alone = initial_networks(config, len(dataset.classes), device)
+    # The teacher is drawn only so that the student's draw follows it: no weights file read.
+    _, alone = initial_networks(with_overrides(config, {"teacher_weights": ""}),
+                                len(dataset.classes))
+    alone = alone.to(device)
 
     def step(batch, net):
         return student_loss(net, None, batch["image"], batch["label"], config.loss)
