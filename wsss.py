@@ -1421,6 +1421,7 @@ ABLATION_ROWS = {
                       {**ALONE, "consistency_view": "rescale"}, {}),
     "single-scale": ("single-scale CAM (no multi-scale, no flip)", {},
                      {"cam_scales": (1.0,), "cam_flip": False}),
+    "threshold0.3": ("threshold 0.3 (the paper's)", {}, {"threshold": 0.3}),
     "crf": ("+ dense CRF", {}, {"crf": True}),
     "coverage": ("+ coverage fix", {}, {"coverage_fix": True}),
     "crf+coverage": ("+ dense CRF + coverage fix", {}, {"crf": True, "coverage_fix": True}),
