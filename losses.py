@@ -66,22 +66,24 @@ def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
 
 ALIGN_TARGETS = ("raw", "pair")
 
-def alignment_target(teacher_map: torch.Tensor, labels: torch.Tensor, target: str = "raw"
-                     ) -> torch.Tensor:
+def alignment_target(teacher_map: torch.Tensor, labels: torch.Tensor, target: str = "raw",
+                     power: float = 1.0) -> torch.Tensor:
     """What the student's map is pulled toward. teacher_map: (B, K, H, W); labels: (B, K).
 
     target="raw": T itself, (B, K, H, W) raw class maps (the paper's code); the student's
       class channels are compared with it.
-    target="pair": (B, 1+K, H, W) = (1 - max_k t_k, t_1..t_K) with t = n(T) * y, n = ReLU +
-      per-map max normalisation, y the image label: a normalised (background, foreground) pair,
-      gated by the label, so a smoke-free image asks for all background, and its shape is
-      carried by the background channel instead of an all-negative map.
+    target="pair": (B, 1+K, H, W) = (1 - max_k t_k, t_1..t_K) with t = (n(T) * y)^power,
+      n = ReLU + per-map max normalisation, y the image label: a normalised (background,
+      foreground) pair, gated by the label, so a smoke-free image asks for all background, and
+      its shape is carried by the background channel instead of an all-negative map. A power
+      above 1 sharpens it: the teacher's weak responses (chimneys, sky) fall faster than its
+      peak, so they pull the student less.
     """
     if target not in ALIGN_TARGETS:
         raise ValueError(f"target must be one of {ALIGN_TARGETS}, got {target!r}")
     if target == "raw":
         return teacher_map
-    fg = normalize_maps(teacher_map, labels)
+    fg = normalize_maps(teacher_map, labels) ** power
     bg = 1 - fg.amax(dim=1, keepdim=True)
     return torch.cat([bg, fg], dim=1)
 
@@ -158,6 +160,9 @@ class LossConfig:
     align_target: str = setting(
         "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
         "label-gated (background, smoke) pair", choices=ALIGN_TARGETS)
+    align_power: float = setting(2.0, "the pair target's smoke map is raised to this power, so "
+                                 "that the teacher's weak responses pull less (1: the map as "
+                                 "it is; 2 picked on the synthetic validation split)", above=0)
     distill_weight: float = setting(1.0, "kappa, the weight of L_kd, the teacher's image "
                                     "probabilities as soft labels (0: off, the paper; 1 picked "
                                     "on the synthetic validation split)", at_least=0)

@@ -667,6 +667,10 @@ def test_pair_target_is_label_gated_and_normalised():
     assert torch.equal(target[1, 1], torch.zeros(2, 2))  # smoke-free: all background
     assert torch.equal(target[1, 0], torch.ones(2, 2))
     assert losses.alignment_target(t, labels, "raw") is t
+    sharp = losses.alignment_target(t, labels, "pair", power=2.0)  # weak responses fall faster
+    assert torch.allclose(sharp[0, 1], fg ** 2, atol=1e-4)
+    assert torch.allclose(sharp[0, 0], 1 - fg ** 2, atol=1e-4)
+    assert torch.equal(sharp[1], target[1])
 
 
 def test_l1_l2_alignment_values_and_teacher_resizing():

@@ -142,7 +142,7 @@ def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
 # (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8, 3 epochs).
 # "quick" is the default recipe cut to run in a few minutes (to try the tool, not to score).
 FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, teacher_pool=1.0,
-                flip=False, crop=1.0, align_target="raw", align_reduce="global",
+                flip=False, crop=1.0, align_target="raw", align_power=1.0, align_reduce="global",
                 consistency_weight=0.0, cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0),
                 threshold=0.3, teacher_lr=5e-4, align_weight=1.0, distill_weight=0.0,
                 clip_grad=0.0)  # one learning rate, no clipping: the paper
@@ -336,7 +336,8 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
         with torch.no_grad():  # the frozen teacher only gives the targets
             teacher_logits, teacher_maps = teacher(images)  # (B, K), (B, K, h, w)
         if config.align_weight > 0:
-            target = losses.alignment_target(teacher_maps, labels, config.align_target)
+            target = losses.alignment_target(teacher_maps, labels, config.align_target,
+                                              config.align_power)
             aligned = maps if config.align_target == "pair" else maps[:, 1:]  # (bg, fg) or fg
             terms["align"] = losses.alignment_loss(aligned, target, config.align_kind,
                                                    config.align_reduce)
