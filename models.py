@@ -82,11 +82,14 @@ class ResNet(nn.Module):
     Output stride 16 (8) replaces the stride of layer4 (layer3 and layer4) by dilation, the
     DeepLab way, so CAMs come out at 1/16 (1/8) of the input. `width` is the channel count of
     the stem and first stage (64 in the paper); smaller widths make CPU-sized networks.
-    `num_classes=0` drops the classifier (`fc` becomes the identity).
+    `num_classes=0` drops the classifier (`fc` becomes the identity). `zero_init_residual`:
+    each block's last BatchNorm scale starts at zero, so every block starts as the identity
+    (torchvision's option; Goyal et al. 2017).
     """
 
     def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int],
-                 num_classes: int = 1000, output_stride: int = 32, width: int = 64):
+                 num_classes: int = 1000, output_stride: int = 32, width: int = 64,
+                 zero_init_residual: bool = False):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -111,6 +114,9 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        for m in self.modules() if zero_init_residual else ():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.bn3.weight if isinstance(m, Bottleneck) else m.bn2.weight)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
                     dilate: bool = False) -> nn.Sequential:
@@ -607,6 +613,8 @@ class ModelConfig:
     teacher_width: int = setting(32, "channels of the teacher's first stage (64: the standard "
                                  "ResNet)", at_least=1)
     output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
+    zero_init_residual: bool = setting(False, "the teacher's residual blocks start as the "
+                                       "identity (each block's last BatchNorm scale at zero)")
     pcm: bool = setting(False, "refine the teacher's CAM by its feature affinities (SEAM's "
                         "pixel correlation module, PCM)")
     teacher_pool: float = setting(0.1, "the teacher scores a class by the mean of this share "
@@ -639,7 +647,8 @@ class ModelConfig:
 def build_teacher(config: ModelConfig, num_classes: int) -> Teacher:
     """A ResNet CAM classifier: its class maps are its CAMs (Zhou et al. 2016)."""
     backbone = TEACHERS[config.teacher](num_classes=0, output_stride=config.output_stride,
-                                        width=config.teacher_width)
+                                        width=config.teacher_width,
+                                        zero_init_residual=config.zero_init_residual)
     if config.teacher_weights:
         load_weights(backbone, Path(config.teacher_weights), "teacher")
     return Teacher(backbone, num_classes, pcm=config.pcm, pool=config.teacher_pool)

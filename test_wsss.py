@@ -448,6 +448,23 @@ def test_resnet_matches_torchvision(name):
         assert (ours(x) - theirs(x)).abs().max() <= 1e-5
 
 
+def zeroed_weights(net: torch.nn.Module) -> set[str]:
+    return {k for k, v in net.state_dict().items() if k.endswith("weight") and not v.any()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_zero_init_residual_zeroes_what_torchvision_zeroes(name):
+    torchvision = pytest.importorskip("torchvision")
+    theirs = zeroed_weights(getattr(torchvision.models, name)(zero_init_residual=True))
+    assert zeroed_weights(getattr(models, name)(zero_init_residual=True)) == theirs != set()
+    assert zeroed_weights(getattr(models, name)()) == set()
+    block = models.resnet18(width=8, zero_init_residual=True).eval().layer1[1]
+    x = torch.rand(1, 8, 8, 8)  # non-negative, as after a ReLU
+    assert torch.equal(block(x), x)  # each block starts as the identity
+    config = models.ModelConfig(teacher_width=8, zero_init_residual=True)
+    assert "layer4.1.bn2.weight" in zeroed_weights(models.build_teacher(config, 1).backbone)
+
+
 @pytest.mark.parametrize("build", [models.resnet18, models.resnet50])
 def test_output_stride_changes_only_the_feature_size(build):
     torch.manual_seed(0)
