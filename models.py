@@ -114,9 +114,12 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for m in self.modules() if zero_init_residual else ():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(m.bn3.weight if isinstance(m, Bottleneck) else m.bn2.weight)
+        if zero_init_residual:  # each residual branch adds zero: every block starts as identity
+            for m in self.modules():
+                if isinstance(m, Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1,
                     dilate: bool = False) -> nn.Sequential:
@@ -614,7 +617,8 @@ class ModelConfig:
                                  "ResNet)", at_least=1)
     output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
     zero_init_residual: bool = setting(False, "the teacher's residual blocks start as the "
-                                       "identity (each block's last BatchNorm scale at zero)")
+                                       "identity: each block's last BatchNorm scale at zero "
+                                       "(torchvision's zero_init_residual)")
     pcm: bool = setting(False, "refine the teacher's CAM by its feature affinities (SEAM's "
                         "pixel correlation module, PCM)")
     teacher_pool: float = setting(0.1, "the teacher scores a class by the mean of this share "
