@@ -114,7 +114,7 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if zero_init_residual:  # each residual branch adds zero: every block starts as identity
+        if zero_init_residual:  # as the docstring says; torchvision zeroes the same weights
             for m in self.modules():
                 if isinstance(m, Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
