@@ -141,8 +141,8 @@ def with_overrides(base: RunConfig, overrides: dict) -> RunConfig:
 # Grad-CAM over four scales, threshold 0.3. "paper" is that recipe at the paper's size
 # (ResNet-50 OS16 + PCM teacher, ViT-B/16 at 512 px, AdamW 1e-4, batch 8, 3 epochs).
 # "quick" is the default recipe cut to run in a few minutes (to try the tool, not to score).
-# "steady" starts the teacher's blocks as the identity and trains it faster, then aligns to the
-# unsquared target: over seeds a steadier teacher and student, at a lower mean (README).
+# "steady" starts the teacher's blocks as the identity and trains it at a higher rate, then
+# aligns to the unsquared target: a steadier teacher and student over seeds, a lower mean (README).
 FAITHFUL = dict(student_stem="patch", student_head="token", pool=1.0, teacher_pool=1.0,
                 flip=False, crop=1.0, align_target="raw", align_power=1.0, align_reduce="global",
                 consistency_weight=0.0, cam_method="gradcam", cam_scales=(0.5, 1.0, 1.5, 2.0),
