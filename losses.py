@@ -1,16 +1,19 @@
 """The losses of the method, as small pure functions of tensors.
 
-    L = L_cls + lambda * L_align + kappa * L_kd + mu * L_cons   (the paper: lambda 1, kappa 0)
+    L = L_cls + lambda * L_align + kappa * L_kd + mu * L_cons + beta * L_guide
+    (the paper: lambda 1, kappa 0, beta 0)
 
 - classification_loss: multi-label BCE on image labels (both networks).
 - alignment_loss: the cross-architecture knowledge transfer, student map -> frozen teacher map.
 - distillation_loss: the frozen teacher's image probabilities as the student's soft labels.
+- guidance_loss: the same transfer one level down: the student's inner tokens pulled toward the
+  teacher's inner features (locality guidance, Li et al. 2022).
 - crop_consistency_loss: locality of the student's maps: a crop's map is that crop of the map
   (the default L_cons).
 - consistency_loss: equivariance of the student's maps under flip + rescale (SEAM's ECR idea).
 - segmentation_loss: stage 3, per-pixel cross-entropy on pseudo masks with an ignore label.
-- LossConfig: lambda, kappa, mu and the alignment's form (`train`'s flags); `wsss.student_loss` sums
-  the terms with them.
+- LossConfig: lambda, kappa, mu, beta and the alignment's form (`train`'s flags);
+  `wsss.student_loss` sums the terms with them.
 """
 
 from dataclasses import dataclass
@@ -96,6 +99,22 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """
     return classification_loss(student_logits, torch.sigmoid(teacher_logits.detach().float()))
 
+def guidance_loss(student_features: list[torch.Tensor], teacher_features: list[torch.Tensor]
+                  ) -> torch.Tensor:
+    """Feature-level locality guidance (Li et al., ECCV 2022): the CNN's features, which see
+    only a neighbourhood, guide the ViT's inner tokens, which a small dataset leaves unshaped.
+
+    L_guide = mean_j mean_{b,p} 1 - cos(P_j[b, :, p], F_j[b, :, p])
+    P_j: (B, C_j, h, w), a student block's patch tokens through its own 1x1 projection;
+    F_j: (B, C_j, H, W), the frozen teacher's stage j, detached and resized (bilinear) to (h, w).
+    """
+    total = 0.0
+    for s, t in zip(student_features, teacher_features, strict=True):
+        t = F.interpolate(t.detach().float(), size=s.shape[-2:], mode="bilinear",
+                          align_corners=False)
+        total = total + (1 - F.cosine_similarity(s.float(), t, dim=1, eps=1e-8)).mean()
+    return total / len(student_features)
+
 def flip_and_resize(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
     """The augmentation of the consistency loss: bilinear resize to `size`, then an optional
     horizontal flip. x: (B, C, H, W) -> (B, C, *size). Applied to images and to maps alike."""
@@ -168,6 +187,9 @@ class LossConfig:
                                     "probabilities as soft labels (0: off, the paper; 1 picked "
                                     "on the synthetic validation split)", at_least=0)
     consistency_weight: float = setting(1.0, "mu, the weight of L_cons", at_least=0)
+    guide_weight: float = setting(0.0, "beta, the weight of L_guide: the student's blocks 2, 4, "
+                                  "6 (of 6) pulled toward the teacher's layer2-4 features (0: "
+                                  "off, the paper)", at_least=0)
     consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
                                        above=0)
     consistency_view: str = setting(

@@ -427,13 +427,15 @@ class Teacher(nn.Module):
             c3 = (stage3.bn3 if isinstance(stage3, Bottleneck) else stage3.bn2).num_features
             self.pcm = PixelCorrelation(c3 + backbone.num_features)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits (B, K), maps (B, K, h, w)."""
+    def forward(self, x: torch.Tensor, return_stages: bool = False):
+        """-> logits (B, K), maps (B, K, h, w); with return_stages also the list of the
+        outputs of layer1..layer4 (the features that guide the student's blocks)."""
         stages = self.backbone.forward_stages(x)
         maps = self.classifier(stages[-1])  # (B,C,h,w) -> (B,K,h,w)
         if self.pcm is not None:
             maps = maps + self.pcm(maps, x, stages[2:])
-        return pool_maps(maps, self.pool), maps
+        out = pool_maps(maps, self.pool), maps
+        return (*out, stages) if return_stages else out
 
 class Student(nn.Module):
     """ViT + a 1x1 projection of the patch tokens to (background, class 1..K) maps, the map
@@ -443,10 +445,13 @@ class Student(nn.Module):
       `student.backbone` with it);
     head="cam": logits = pool_maps(projected class maps, pool, window), a CAM classifier, as
       the teacher; then the map the alignment shapes is the map that becomes the mask.
+
+    `guide`: channel counts of the teacher stages that guide evenly spaced blocks (the last
+    block guided by the last stage); each guided block has its own 1x1 projection to them.
     """
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token",
-                 pool: float = 1.0, window: int = 1):
+                 pool: float = 1.0, window: int = 1, guide: tuple[int, ...] = ()):
         super().__init__()
         if head not in ("token", "cam"):
             raise ValueError(f"head must be 'token' or 'cam', got {head!r}")
@@ -454,6 +459,9 @@ class Student(nn.Module):
         self.backbone = backbone
         self.head = head
         self.proj = nn.Conv2d(backbone.embed_dim, 1 + num_classes, 1)
+        depth, n = len(backbone.blocks), len(guide)
+        self.guided_blocks = [depth * (j + 1) // n - 1 for j in range(n)]  # 6 blocks, 3: 1 3 5
+        self.guide = nn.ModuleList(nn.Conv2d(backbone.embed_dim, c, 1) for c in guide)
 
     def tokens_to_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # -> (B,D,h,w)
@@ -466,11 +474,20 @@ class Student(nn.Module):
             return pool_maps(maps[:, 1:], self.pool, self.window), maps
         return self.backbone.forward_head(tokens), maps
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> logits (B, K), maps (B, 1+K, h, w)."""
-        p = self.backbone.patch_size
-        return self.forward_head(self.backbone.forward_features(x), x.shape[2] // p,
-                                 x.shape[3] // p)
+    def forward(self, x: torch.Tensor, guided: bool = False):
+        """-> logits (B, K), maps (B, 1+K, h, w); with `guided` also the list of the guided
+        blocks' projected patch tokens, each (B, C_j, h, w)."""
+        vit, p = self.backbone, self.backbone.patch_size
+        h, w = x.shape[2] // p, x.shape[3] // p
+        if not guided:
+            return self.forward_head(vit.forward_features(x), h, w)
+        tokens, features = vit.embed(x), []
+        for i, block in enumerate(vit.blocks):
+            tokens, _ = block(tokens)
+            if i in self.guided_blocks:
+                proj = self.guide[len(features)]
+                features.append(proj(self.tokens_to_map(tokens, h, w)))  # -> (B, C_j, h, w)
+        return (*self.forward_head(vit.norm(tokens), h, w), features)
 
     def gradcam(self, x: torch.Tensor) -> torch.Tensor:
         """Grad-CAM (Selvaraju et al. 2017) of the last block's norm1 tokens, the layer the
@@ -657,8 +674,9 @@ def build_teacher(config: ModelConfig, num_classes: int) -> Teacher:
         load_weights(backbone, Path(config.teacher_weights), "teacher")
     return Teacher(backbone, num_classes, pcm=config.pcm, pool=config.teacher_pool)
 
-def build_student(config: ModelConfig, num_classes: int) -> Student:
-    """A ViT whose patch tokens, projected, give a (background, class 1..K) map."""
+def build_student(config: ModelConfig, num_classes: int, guided: bool = False) -> Student:
+    """A ViT whose patch tokens, projected, give a (background, class 1..K) map; `guided`:
+    with 1x1 projections to the teacher's layer2..layer4 widths (feature-level guidance)."""
     # A CAM-head student classifies with its projected map: no class-token head to train.
     head_classes = num_classes if config.student_head == "token" else 0
     backbone = STUDENTS[config.student](
@@ -666,8 +684,12 @@ def build_student(config: ModelConfig, num_classes: int) -> Student:
         num_classes=head_classes, stem=config.student_stem)
     if config.student_weights:
         load_weights(backbone, Path(config.student_weights), "student")
+    # Guidance: the teacher's last three stages (fewer for a shallower student), their widths.
+    block = Bottleneck if config.teacher in ("resnet50", "resnet101") else BasicBlock
+    widths = tuple(config.teacher_width * m * block.expansion for m in (2, 4, 8))
+    guide = widths[-min(3, config.student_depth):] if guided else ()
     return Student(backbone, num_classes, head=config.student_head, pool=config.pool,
-                   window=config.student_window)
+                   window=config.student_window, guide=guide)
 
 def build_segmenter(model: ModelConfig, num_classes: int) -> DeepLab:
     """DeepLabv3 on the teacher's ResNet; K + 1 outputs (background first)."""

@@ -751,6 +751,48 @@ def test_student_loss_adds_each_weighted_term():
     assert set(alone) == {"cls", "loss"}
 
 
+def test_guidance_loss_is_the_mean_per_location_cosine_distance():
+    torch.manual_seed(0)
+    student = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)]
+    teacher = [torch.randn(2, 3, 4, 4), torch.randn(2, 5, 8, 8)]  # the second is resized
+    expected = 0.0
+    for s, t in zip(student, teacher):
+        t = F.interpolate(t, size=(4, 4), mode="bilinear", align_corners=False)
+        distances = [1 - torch.dot(s[b, :, i, j], t[b, :, i, j])
+                     / (s[b, :, i, j].norm() * t[b, :, i, j].norm())
+                     for b in range(2) for i in range(4) for j in range(4)]
+        expected += torch.stack(distances).mean() / 2
+    assert torch.allclose(losses.guidance_loss(student, teacher), expected, atol=1e-6)
+    assert losses.guidance_loss(teacher[:1], teacher[:1]) < 1e-6
+
+
+def test_guided_student_adds_projections_and_the_guide_term():
+    torch.manual_seed(0)
+    model = models.ModelConfig(teacher_width=8, student_depth=2, image_size=32)
+    teacher = models.freeze(models.build_teacher(model, 2))
+    torch.manual_seed(0)
+    plain = models.build_student(model, 2)
+    torch.manual_seed(0)
+    student = models.build_student(model, 2, guided=True)
+    # The guided student starts as the plain one (its student alone) plus two projections,
+    # to the teacher's last two stages (a 2-block student guides both its blocks).
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert student.guided_blocks == [0, 1]
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    logits, maps, features = student(x, guided=True)
+    assert all(torch.equal(a, b) for a, b in zip((logits, maps), student(x)))
+    stages = teacher(x, return_stages=True)[2]
+    assert [f.shape[1] for f in features] == [s.shape[1] for s in stages[-2:]] == [32, 64]
+    config = losses.LossConfig(guide_weight=0.5, consistency_weight=0.0)
+    terms = wsss.student_loss(student, teacher, x, y, config)
+    assert torch.allclose(terms["guide"], losses.guidance_loss(features, stages[-2:]))
+    assert torch.allclose(terms["loss"], terms["cls"] + 3 * terms["align"] + terms["kd"]
+                          + 0.5 * terms["guide"])
+    terms["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.guide.parameters())
+    assert "guide" not in wsss.student_loss(student, None, x, y, config)  # the student alone
+
+
 def test_consistency_loss_zero_for_equivariant_maps():
     maps = torch.linspace(0, 1, 8).expand(2, 1, 8, 8)  # a left-to-right ramp
     aug = losses.flip_and_resize(maps, (6, 6), flip=True)

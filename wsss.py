@@ -330,14 +330,20 @@ def teacher_loss(batch: dict, teacher: models.Teacher) -> dict:
 
 def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
                  images: torch.Tensor, labels: torch.Tensor, config: losses.LossConfig) -> dict:
-    """L = L_cls + lambda * L_align + kappa * L_kd + mu * L_cons for one batch: the paper's
-    objective with its consistency regularization, and the teacher's image probabilities as
-    soft labels (kappa = 0: the paper). `teacher`: frozen, or None for the student alone."""
-    logits, maps = student(images)  # (B, K), (B, 1+K, h, w) with the background channel first
+    """L = L_cls + lambda * L_align + kappa * L_kd + mu * L_cons + beta * L_guide for one
+    batch: the paper's objective with its consistency regularization, the teacher's image
+    probabilities as soft labels and its inner features as guides (kappa = beta = 0: the
+    paper). `teacher`: frozen, or None for the student alone."""
+    guided = teacher is not None and config.guide_weight > 0
+    if guided:  # and the guided blocks' projected tokens [(B, C_j, h, w)]
+        logits, maps, features = student(images, guided=True)
+    else:  # (B, K), (B, 1+K, h, w) with the background channel first
+        logits, maps = student(images)
     terms = {"cls": losses.classification_loss(logits, labels)}
-    if teacher is not None and config.align_weight + config.distill_weight > 0:
+    weights = config.align_weight + config.distill_weight + config.guide_weight
+    if teacher is not None and weights > 0:
         with torch.no_grad():  # the frozen teacher only gives the targets
-            teacher_logits, teacher_maps = teacher(images)  # (B, K), (B, K, h, w)
+            teacher_logits, teacher_maps, stages = teacher(images, return_stages=True)
         if config.align_weight > 0:
             target = losses.alignment_target(teacher_maps, labels, config.align_target,
                                               config.align_power)
@@ -346,11 +352,14 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
                                                    config.align_reduce)
         if config.distill_weight > 0:
             terms["kd"] = losses.distillation_loss(logits, teacher_logits)
+        if guided:  # the teacher's last stages guide the guided blocks, last with last
+            terms["guide"] = losses.guidance_loss(features, stages[-len(features):])
     if config.consistency_weight > 0:  # the map of an augmented view = that view of the map
         terms["cons"] = consistency_term(student, images, maps[:, 1:], config)
     terms["loss"] = (terms["cls"] + config.align_weight * terms.get("align", 0.0)
                      + config.distill_weight * terms.get("kd", 0.0)
-                     + config.consistency_weight * terms.get("cons", 0.0))
+                     + config.consistency_weight * terms.get("cons", 0.0)
+                     + config.guide_weight * terms.get("guide", 0.0))
     return terms
 
 def consistency_term(student: torch.nn.Module, images: torch.Tensor, maps: torch.Tensor,
@@ -379,7 +388,8 @@ def initial_networks(config: RunConfig, num_classes: int) -> tuple[models.Teache
     from the run's seed: the student alone starts where the aligned student starts."""
     torch.manual_seed(config.train.seed)
     teacher = models.build_teacher(config.model, num_classes)
-    return teacher, models.build_student(config.model, num_classes)
+    guided = config.loss.guide_weight > 0
+    return teacher, models.build_student(config.model, num_classes, guided)
 
 def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                    log: "Log") -> tuple[models.Teacher, models.Student]:
@@ -402,13 +412,15 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
                 device, log)
     return teacher, models.freeze(student)
 
+ALONE = {"align_weight": 0.0, "distill_weight": 0.0, "guide_weight": 0.0}  # no teacher's term
+
 def train_alone(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                 log: "Log") -> models.Student:
     """The baseline: the same student, from the same initial weights, and the same recipe
-    without the teacher (lambda = kappa = 0), so that the teacher's effect is the difference
-    of two students (RUN/alone.pt)."""
+    without the teacher (lambda = kappa = beta = 0), so that the teacher's effect is the
+    difference of two students (RUN/alone.pt)."""
     # The teacher is drawn only so that the student's draw follows it: no weights file read.
-    _, alone = initial_networks(with_overrides(config, {"teacher_weights": ""}),
+    _, alone = initial_networks(with_overrides(config, {"teacher_weights": "", **ALONE}),
                                 len(dataset.classes))
     alone = alone.to(device)
 
@@ -621,7 +633,8 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
     config = read_run_config(run)
     num_classes = len(read_classes(Path(config.data)))
     teacher = models.build_teacher(config.model.without_weights(), num_classes)
-    student = models.build_student(config.model.without_weights(), num_classes)
+    student = models.build_student(config.model.without_weights(), num_classes,
+                                   config.loss.guide_weight > 0)
     for name, net in (("teacher", teacher), ("student", student)):
         path = checkpoint_path(run, name)
         restore(net, load_checkpoint(path), path)
@@ -1403,7 +1416,6 @@ def predict(run: Path, files: list[Path], out: Path, device: torch.device,
 
 # --- the ablation: the paper's comparisons, one training per distinct setting and seed ---------
 
-ALONE = {"align_weight": 0.0, "distill_weight": 0.0}  # the student without its teacher's terms
 # key -> (label, training overrides, CAM/refine overrides)
 ABLATION_ROWS = {
     "teacher": ("teacher CAM (ResNet)", {}, {"cam_network": "teacher"}),
