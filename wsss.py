@@ -1423,6 +1423,7 @@ ABLATION_ROWS = {
     "aligned": ("aligned student, cosine channel (the method)", {}, {}),
     "no-distill": ("aligned student without soft labels (κ = 0)", {"distill_weight": 0.0}, {}),
     "unsquared": ("aligned student, unsquared target (γ = 1)", {"align_power": 1.0}, {}),
+    "guide": ("aligned student + feature guidance (β = 1)", {"guide_weight": 1.0}, {}),
     "global": ("aligned student, cosine global", {"align_reduce": "global"}, {}),
     "window1": ("aligned student, single-patch pooling", {"student_window": 1}, {}),
     "spatial": ("aligned student, cosine spatial", {"align_reduce": "spatial"}, {}),
