@@ -187,9 +187,10 @@ class LossConfig:
                                     "probabilities as soft labels (0: off, the paper; 1 picked "
                                     "on the synthetic validation split)", at_least=0)
     consistency_weight: float = setting(1.0, "mu, the weight of L_cons", at_least=0)
-    guide_weight: float = setting(0.0, "beta, the weight of L_guide: the student's blocks 2, 4, "
-                                  "6 (of 6) pulled toward the teacher's layer2-4 features (0: "
-                                  "off, the paper)", at_least=0)
+    guide_weight: float = setting(0.0, "beta, the weight of L_guide: evenly spaced blocks of "
+                                  "the student (2, 4, 6 of 6) pulled toward the teacher's "
+                                  "layer2-4 features (Li et al. 2022; 0: off, the paper)",
+                                  at_least=0)
     consistency_scale: float = setting(0.75, "side of L_cons's view, a share of the image's",
                                        above=0)
     consistency_view: str = setting(

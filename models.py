@@ -6,7 +6,8 @@
   load one-to-one; hand-written attention that can return its maps.
 - Teacher = ResNet + 1x1 classifier (+ SEAM's pixel correlation module); Student = ViT + 1x1
   projection of the patch tokens + a classifier (its class token, or its pooled map).
-  Both return (logits, maps); the student also gives its Grad-CAM.
+  Both return (logits, maps); the student also gives its Grad-CAM and, for feature-level
+  guidance, its inner tokens projected to the teacher's stage widths.
 - Stage 3: DeepLab (ResNet + ASPP), per-pixel logits for training on pseudo masks.
 - ModelConfig, the networks of a run (its fields are `train`'s flags), and the builders
   build_teacher, build_student, build_segmenter; `setting` declares any config field.
