@@ -334,15 +334,18 @@ def student_loss(student: torch.nn.Module, teacher: models.Teacher | None,
     batch: the paper's objective with its consistency regularization, the teacher's image
     probabilities as soft labels and its inner features as guides (kappa = beta = 0: the
     paper). `teacher`: frozen, or None for the student alone."""
+    # logits (B, K), maps (B, 1+K, h, w) with the background channel first; guided, also the
+    # guided blocks' projected tokens [(B, C_j, h, w)]
     guided = teacher is not None and config.guide_weight > 0
-    if guided:  # and the guided blocks' projected tokens [(B, C_j, h, w)]
+    if guided:
         logits, maps, features = student(images, guided=True)
-    else:  # (B, K), (B, 1+K, h, w) with the background channel first
+    else:
         logits, maps = student(images)
     terms = {"cls": losses.classification_loss(logits, labels)}
     weights = config.align_weight + config.distill_weight + config.guide_weight
     if teacher is not None and weights > 0:
         with torch.no_grad():  # the frozen teacher only gives the targets
+            # (B, K), (B, K, h, w), the outputs of layer1..layer4
             teacher_logits, teacher_maps, stages = teacher(images, return_stages=True)
         if config.align_weight > 0:
             target = losses.alignment_target(teacher_maps, labels, config.align_target,
