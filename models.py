@@ -482,12 +482,12 @@ class Student(nn.Module):
         h, w = x.shape[2] // p, x.shape[3] // p
         if not guided:
             return self.forward_head(vit.forward_features(x), h, w)
+        projections = dict(zip(self.guided_blocks, self.guide))  # block index -> its 1x1 conv
         tokens, features = vit.embed(x), []
         for i, block in enumerate(vit.blocks):
             tokens, _ = block(tokens)
-            if i in self.guided_blocks:
-                proj = self.guide[len(features)]
-                features.append(proj(self.tokens_to_map(tokens, h, w)))  # -> (B, C_j, h, w)
+            if i in projections:
+                features.append(projections[i](self.tokens_to_map(tokens, h, w)))  # (B,C_j,h,w)
         return (*self.forward_head(vit.norm(tokens), h, w), features)
 
     def gradcam(self, x: torch.Tensor) -> torch.Tensor:
