@@ -179,10 +179,9 @@ class LossConfig:
     align_target: str = setting(
         "pair", "raw: the teacher's raw class map (the paper's code); pair: its normalised, "
         "label-gated (background, smoke) pair", choices=ALIGN_TARGETS)
-    align_power: float = setting(2.0, "gamma: the pair target's smoke map is raised to this "
+    align_power: float = setting(1.0, "gamma: the pair target's smoke map is raised to this "
                                  "power, so that the teacher's weak responses pull less (1: the "
-                                 "map as it is; 2 picked on the synthetic validation split)",
-                                 above=0)
+                                 "map as it is; 2: the squared preset's)", above=0)
     distill_weight: float = setting(1.0, "kappa, the weight of L_kd, the teacher's image "
                                     "probabilities as soft labels (0: off, the paper; 1 picked "
                                     "on the synthetic validation split)", at_least=0)

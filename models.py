@@ -634,9 +634,10 @@ class ModelConfig:
     teacher_width: int = setting(32, "channels of the teacher's first stage (64: the standard "
                                  "ResNet)", at_least=1)
     output_stride: int = setting(8, "teacher output stride", choices=(8, 16, 32))
-    zero_init_residual: bool = setting(False, "the teacher's residual blocks start as the "
+    zero_init_residual: bool = setting(True, "the teacher's residual blocks start as the "
                                        "identity: each block's last BatchNorm scale at zero "
-                                       "(torchvision's zero_init_residual)")
+                                       "(torchvision's zero_init_residual; steadies the "
+                                       "teacher's map over seeds; the paper: off)")
     pcm: bool = setting(False, "refine the teacher's CAM by its feature affinities (SEAM's "
                         "pixel correlation module, PCM)")
     teacher_pool: float = setting(0.1, "the teacher scores a class by the mean of this share "

@@ -628,15 +628,17 @@ def test_faithful_preset_is_the_papers_recipe_and_the_default_differs():
     assert paper.loss.consistency_weight == 0.0 and paper.cam.threshold == 0.3
     assert paper.loss.distill_weight == 0.0  # no soft labels from the teacher in the paper
     assert paper.cam.cam_scales == (0.5, 1.0, 1.5, 2.0)
+    assert not paper.model.zero_init_residual and paper.loss.align_power == 1.0
 
 
-def test_steady_preset_changes_only_the_teachers_start_and_rate_and_the_targets_power():
-    steady, default = wsss.preset_config("steady"), wsss.preset_config("cpu")
-    assert steady.model == dataclasses.replace(default.model, zero_init_residual=True)
-    assert steady.train == dataclasses.replace(default.train, teacher_lr=5e-4)
-    assert steady.loss == dataclasses.replace(default.loss, align_power=1.0)
-    assert (steady.cam, steady.refine) == (default.cam, default.refine)
-    assert "layer1.0.bn2.weight" in zeroed_weights(models.build_teacher(steady.model, 1).backbone)
+def test_squared_preset_changes_only_the_teachers_start_and_rate_and_the_targets_power():
+    squared, default = wsss.preset_config("squared"), wsss.preset_config("cpu")
+    assert default.model == dataclasses.replace(squared.model, zero_init_residual=True)
+    assert default.train == dataclasses.replace(squared.train, teacher_lr=5e-4)
+    assert default.loss == dataclasses.replace(squared.loss, align_power=1.0)
+    assert (squared.cam, squared.refine) == (default.cam, default.refine)
+    assert "layer1.0.bn2.weight" in zeroed_weights(models.build_teacher(default.model, 1).backbone)
+    assert not zeroed_weights(models.build_teacher(squared.model, 1).backbone)
 
 
 # -----------------------------------------------------------------------------
