@@ -107,7 +107,9 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2, dilate=dilate[1])
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2, dilate=dilate[2])
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.num_features = width * 8 * block.expansion
+        # Channels of layer1..layer4's outputs (what PCM and feature guidance read).
+        self.stage_widths = tuple(width * m * block.expansion for m in (1, 2, 4, 8))
+        self.num_features = self.stage_widths[-1]
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
@@ -424,9 +426,7 @@ class Teacher(nn.Module):
         nn.init.normal_(self.classifier.weight, std=0.01)
         self.pcm = None
         if pcm:
-            stage3 = backbone.layer3[-1]
-            c3 = (stage3.bn3 if isinstance(stage3, Bottleneck) else stage3.bn2).num_features
-            self.pcm = PixelCorrelation(c3 + backbone.num_features)
+            self.pcm = PixelCorrelation(backbone.stage_widths[2] + backbone.num_features)
 
     def forward(self, x: torch.Tensor, return_stages: bool = False):
         """-> logits (B, K), maps (B, K, h, w); with return_stages also the list of the
@@ -676,9 +676,10 @@ def build_teacher(config: ModelConfig, num_classes: int) -> Teacher:
         load_weights(backbone, Path(config.teacher_weights), "teacher")
     return Teacher(backbone, num_classes, pcm=config.pcm, pool=config.teacher_pool)
 
-def build_student(config: ModelConfig, num_classes: int, guided: bool = False) -> Student:
-    """A ViT whose patch tokens, projected, give a (background, class 1..K) map; `guided`:
-    with 1x1 projections to the teacher's layer2..layer4 widths (feature-level guidance)."""
+def build_student(config: ModelConfig, num_classes: int, guided_by: Teacher | None = None
+                  ) -> Student:
+    """A ViT whose patch tokens, projected, give a (background, class 1..K) map; `guided_by`:
+    with 1x1 projections to that teacher's layer2..layer4 widths (feature-level guidance)."""
     # A CAM-head student classifies with its projected map: no class-token head to train.
     head_classes = num_classes if config.student_head == "token" else 0
     backbone = STUDENTS[config.student](
@@ -687,9 +688,8 @@ def build_student(config: ModelConfig, num_classes: int, guided: bool = False) -
     if config.student_weights:
         load_weights(backbone, Path(config.student_weights), "student")
     # Guidance: the teacher's last three stages (fewer for a shallower student), their widths.
-    block = Bottleneck if config.teacher in ("resnet50", "resnet101") else BasicBlock
-    widths = tuple(config.teacher_width * m * block.expansion for m in (2, 4, 8))
-    guide = widths[-min(3, config.student_depth):] if guided else ()
+    widths = guided_by.backbone.stage_widths[1:] if guided_by is not None else ()
+    guide = widths[-min(3, config.student_depth):]
     return Student(backbone, num_classes, head=config.student_head, pool=config.pool,
                    window=config.student_window, guide=guide)
 

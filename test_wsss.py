@@ -775,7 +775,7 @@ def test_guided_student_adds_projections_and_the_guide_term():
     torch.manual_seed(0)
     plain = models.build_student(model, 2)
     torch.manual_seed(0)
-    student = models.build_student(model, 2, guided=True)
+    student = models.build_student(model, 2, guided_by=teacher)
     # The guided student starts as the plain one (its student alone) plus two projections,
     # to the teacher's last two stages (a 2-block student guides both its blocks).
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in plain.state_dict().items())

@@ -392,8 +392,8 @@ def initial_networks(config: RunConfig, num_classes: int) -> tuple[models.Teache
     from the run's seed: the student alone starts where the aligned student starts."""
     torch.manual_seed(config.train.seed)
     teacher = models.build_teacher(config.model, num_classes)
-    guided = config.loss.guide_weight > 0
-    return teacher, models.build_student(config.model, num_classes, guided)
+    guided_by = teacher if config.loss.guide_weight > 0 else None
+    return teacher, models.build_student(config.model, num_classes, guided_by)
 
 def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device: torch.device,
                    log: "Log") -> tuple[models.Teacher, models.Student]:
@@ -638,7 +638,7 @@ def load_run(run: Path, device: torch.device) -> tuple[RunConfig, models.Teacher
     num_classes = len(read_classes(Path(config.data)))
     teacher = models.build_teacher(config.model.without_weights(), num_classes)
     student = models.build_student(config.model.without_weights(), num_classes,
-                                   config.loss.guide_weight > 0)
+                                   teacher if config.loss.guide_weight > 0 else None)
     for name, net in (("teacher", teacher), ("student", student)):
         path = checkpoint_path(run, name)
         restore(net, load_checkpoint(path), path)
