@@ -382,13 +382,17 @@ class RefineConfig:
     background: str = setting("threshold", "background score: threshold (--threshold) or power "
                               "((1 - max CAM)^alpha)", choices=("threshold", "power"))
     alpha: float = setting(8.0, "exponent of the power background", above=0)
+    # The CRF's defaults are the paper's (5 iterations; Gaussian 3 px, weight 5; colour kernel
+    # 60 px, colour width 5, weight 15), the colour kernel's width scaled from its 512 px
+    # images to our 128 px (60 -> 15): pydensecrf's DeepLab widths (80 px, 13) erase our masks.
     crf: bool = setting(False, "refine with the dense CRF")
-    crf_iters: int = setting(10, "mean-field iterations", at_least=1)
+    crf_iters: int = setting(5, "mean-field iterations", at_least=1)
     crf_sxy_gaussian: float = setting(3.0, "position kernel width, px", above=0)
-    crf_compat_gaussian: float = setting(3.0, "position kernel weight", at_least=0)
-    crf_sxy_bilateral: float = setting(80.0, "colour kernel's position width, px", above=0)
-    crf_srgb: float = setting(13.0, "colour kernel's colour width", above=0)
-    crf_compat_bilateral: float = setting(10.0, "colour kernel weight", at_least=0)
+    crf_compat_gaussian: float = setting(5.0, "position kernel weight", at_least=0)
+    crf_sxy_bilateral: float = setting(15.0, "colour kernel's position width, px (scale it with "
+                                       "--image-size)", above=0)
+    crf_srgb: float = setting(5.0, "colour kernel's colour width", above=0)
+    crf_compat_bilateral: float = setting(15.0, "colour kernel weight", at_least=0)
     coverage_fix: bool = setting(False, "the coverage fix: spread the CAM over the student's "
                                  "attention affinities")
     coverage_steps: int = setting(2, "random-walk steps of the fix", at_least=1)

@@ -1114,6 +1114,28 @@ def test_dense_crf_batched_equals_one_by_one_and_keeps_device():
     assert torch.allclose(batched.sum(1), torch.ones(2, 12, 12), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("seed", (0, 2, 3))
+def test_crf_defaults_keep_a_plume_that_deeplab_widths_erase(seed):
+    # A generated 128 px scene and a CAM as coarse as the student's (its mask averaged on the
+    # 16 x 16 patch grid): the default read-out with --crf keeps the plume; pydensecrf's
+    # DeepLab widths, made for ~500 px photographs, smooth it away at this size.
+    image, mask, _ = wsss.render_scene(np.random.default_rng(seed), 128, True, True)
+    truth, valid = torch.from_numpy(mask == 1), torch.from_numpy(mask != postprocess.IGNORE)
+    grid = F.adaptive_avg_pool2d(truth[None, None].float(), 16)
+    cams = F.interpolate(grid, size=(128, 128), mode="bilinear", align_corners=False)
+    rgb = torch.from_numpy(image).permute(2, 0, 1)[None]  # (H,W,3) -> (1,3,H,W)
+
+    def iou(refine):
+        fg = postprocess.pseudo_mask(rgb, cams / cams.max(), postprocess.CamConfig(), refine)[0]
+        return ((fg == 1) & truth & valid).sum() / (((fg == 1) | truth) & valid).sum()
+
+    deeplab = postprocess.RefineConfig(crf=True, crf_iters=10, crf_compat_gaussian=3.0,
+                                       crf_sxy_bilateral=80.0, crf_srgb=13.0,
+                                       crf_compat_bilateral=10.0)
+    assert iou(postprocess.RefineConfig(crf=True)) > 0.8
+    assert iou(deeplab) < 0.1
+
 def test_cams_to_masks():
     cams = torch.zeros(2, 1, 4, 4)
     cams[:, 0, :2] = 2.0
