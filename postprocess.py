@@ -391,8 +391,8 @@ class RefineConfig:
     crf_iters: int = setting(5, "mean-field iterations", at_least=1)
     crf_sxy_gaussian: float = setting(3.0, "position kernel width, px", above=0)
     crf_compat_gaussian: float = setting(5.0, "position kernel weight", at_least=0)
-    crf_sxy_bilateral: float = setting(15.0, "colour kernel's position width, px (scale it with "
-                                       "--image-size)", above=0)
+    crf_sxy_bilateral: float = setting(15.0, "colour kernel's position width, px; scale it with "
+                                       "--image-size", above=0)
     crf_srgb: float = setting(5.0, "colour kernel's colour width", above=0)
     crf_compat_bilateral: float = setting(15.0, "colour kernel weight", at_least=0)
     coverage_fix: bool = setting(False, "the coverage fix: spread the CAM over the student's "
