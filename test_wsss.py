@@ -1114,7 +1114,6 @@ def test_dense_crf_batched_equals_one_by_one_and_keeps_device():
     assert torch.allclose(batched.sum(1), torch.ones(2, 12, 12), atol=1e-5)
 
 
-
 @pytest.mark.parametrize("seed", (0, 2, 3))
 def test_crf_defaults_keep_a_plume_that_deeplab_widths_erase(seed):
     # A generated 128 px scene and a CAM as coarse as the student's (its mask averaged on the
@@ -1135,6 +1134,7 @@ def test_crf_defaults_keep_a_plume_that_deeplab_widths_erase(seed):
                                        crf_compat_bilateral=10.0)
     assert iou(postprocess.RefineConfig(crf=True)) > 0.8
     assert iou(deeplab) < 0.1
+
 
 def test_cams_to_masks():
     cams = torch.zeros(2, 1, 4, 4)
