@@ -287,9 +287,9 @@ def dense_crf(image: torch.Tensor, prob: torch.Tensor, *, iters: int = 10,
 
     Same parameters as pydensecrf's DenseCRF2D: unary -log(prob) (probabilities clipped at
     1e-5, as its unary_from_softmax), addPairwiseGaussian(sxy, compat) and
-    addPairwiseBilateral(sxy, srgb, rgbim, compat), symmetric normalisation; the defaults are
-    the DeepLab values of WSSS code, for ~500 px photographs (the read-out passes
-    RefineConfig's, for 128 px). The update is
+    addPairwiseBilateral(sxy, srgb, rgbim, compat), symmetric normalisation. The defaults are
+    the DeepLab values of WSSS code, for ~500 px photographs; the read-out passes RefineConfig's,
+    for 128 px. The update is
 
         Q <- softmax( log prob + sum_m w_m n_m * K_m (n_m * Q) ),   n_m = 1/sqrt(K_m 1),
 
