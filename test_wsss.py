@@ -604,6 +604,19 @@ def test_pool_maps_is_the_mean_of_the_strongest_locations():
     assert models.build_student(config, 1).pool == config.pool != 0.5
 
 
+def test_projection_start_changes_only_the_projection():
+    config = models.ModelConfig(student_depth=1, image_size=32)
+    torch.manual_seed(0)
+    default = models.build_student(config, 1).state_dict()
+    torch.manual_seed(0)
+    small = models.build_student(dataclasses.replace(config, proj_std=0.005), 1).state_dict()
+    changed = [k for k in default if not torch.equal(default[k], small[k])]
+    assert changed == ["proj.weight", "proj.bias"]
+    drawn = torch.cat([small[k].flatten() for k in changed])  # 2 x 192 + 2 draws
+    assert abs(drawn.std().item() - 0.005) < 0.001
+    assert drawn.std() < default["proj.weight"].std() / 5  # the default: std 1 / sqrt(3 * 192)
+
+
 def test_bad_weights_files(tmp_path):
     net = models.resnet18(num_classes=0)
     with pytest.raises(models.WeightsError, match="not found"):
