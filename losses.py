@@ -4,6 +4,7 @@
     (the paper: lambda 1, kappa 0, beta 0)
 
 - classification_loss: multi-label BCE on image labels (both networks).
+- platt_scaling: after training, each network's logits fitted to the labels' scale.
 - alignment_loss: the cross-architecture knowledge transfer, student map -> frozen teacher map.
 - distillation_loss: the frozen teacher's image probabilities as the student's soft labels.
 - guidance_loss: the same transfer one level down: the student's inner tokens pulled toward the
@@ -33,6 +34,27 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     logits, labels: (B, K); labels are 0/1 floats.
     """
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+def platt_scaling(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Platt scaling (Platt 1999; per class, as temperature scaling in Guo et al. 2017): the
+    scale a > 0 and bias c that minimise L_cls(a * z + c, y) over a split.
+
+    logits z, labels y: (N, K) -> a, c: (K,). A monotone map of each logit: which images score
+    higher does not change, only how sure the probabilities say the network is.
+    """
+    z, y = logits.detach().float(), labels.float()
+    log_a = z.new_zeros(z.shape[1], requires_grad=True)  # a = exp(log_a) stays positive
+    c = z.new_zeros(z.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_a, c], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = classification_loss(z * log_a.exp() + c, y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return log_a.detach().exp(), c.detach()
 
 def alignment_loss(student_map: torch.Tensor, teacher_map: torch.Tensor,
                    kind: str = "cosine", reduce: str = "global") -> torch.Tensor:

@@ -410,11 +410,29 @@ def pool_maps(maps: torch.Tensor, share: float = 1.0, window: int = 1) -> torch.
     k = max(1, round(share * flat.shape[-1]))
     return flat.topk(k, dim=-1).values.mean(dim=-1)
 
+class Calibration(nn.Module):
+    """Logits (B, K) -> scale * logits + bias, per class: identity (1, 0) while a network trains;
+    fitted to the training labels after it (Platt scaling, `wsss.calibrate`). Monotone, so it
+    changes a network's probabilities, never its maps or the ranking of its images."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(num_classes))
+        self.register_buffer("bias", torch.zeros(num_classes))
+
+    def reset(self) -> None:
+        self.scale.fill_(1.0)
+        self.bias.zero_()
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits * self.scale + self.bias
+
 class Teacher(nn.Module):
     """ResNet + 1x1 classifier: the class maps are the CAMs themselves (Zhou et al. 2016).
 
     maps = cam (+ PCM(cam) with `pcm`), (B, K, H/os, W/os); logits = pool_maps(maps, pool),
-    so the class score is the mean of what the map shows (over its strongest `pool` share).
+    so the class score is the mean of what the map shows (over its strongest `pool` share),
+    then calibrated (the identity until training ends).
     """
 
     def __init__(self, backbone: ResNet, num_classes: int, pcm: bool = False,
@@ -424,6 +442,7 @@ class Teacher(nn.Module):
         self.pool = pool
         self.classifier = nn.Conv2d(backbone.num_features, num_classes, 1, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.01)
+        self.calibration = Calibration(num_classes)
         self.pcm = None
         if pcm:
             self.pcm = PixelCorrelation(backbone.stage_widths[2] + backbone.num_features)
@@ -435,7 +454,7 @@ class Teacher(nn.Module):
         maps = self.classifier(stages[-1])  # (B,C,h,w) -> (B,K,h,w)
         if self.pcm is not None:
             maps = maps + self.pcm(maps, x, stages[2:])
-        out = pool_maps(maps, self.pool), maps
+        out = self.calibration(pool_maps(maps, self.pool)), maps
         return (*out, stages) if return_stages else out
 
 class Student(nn.Module):
@@ -446,6 +465,7 @@ class Student(nn.Module):
       `student.backbone` with it);
     head="cam": logits = pool_maps(projected class maps, pool, window), a CAM classifier, as
       the teacher; then the map the alignment shapes is the map that becomes the mask.
+    Either head's logits are then calibrated (the identity until training ends).
 
     `guide`: channel counts of the teacher stages that guide evenly spaced blocks (the last
     block guided by the last stage); each guided block has its own 1x1 projection to them.
@@ -463,6 +483,7 @@ class Student(nn.Module):
         self.backbone = backbone
         self.head = head
         self.proj = nn.Conv2d(backbone.embed_dim, 1 + num_classes, 1)
+        self.calibration = Calibration(num_classes)
         depth, n = len(backbone.blocks), len(guide)
         self.guided_blocks = [depth * (j + 1) // n - 1 for j in range(n)]  # 6 blocks, 3: 1 3 5
         self.guide = nn.ModuleList(nn.Conv2d(backbone.embed_dim, c, 1) for c in guide)
@@ -478,8 +499,10 @@ class Student(nn.Module):
         """Normed tokens (B, 1+N, D) -> logits (B, K), maps (B, 1+K, h, w)."""
         maps = self.proj(self.tokens_to_map(tokens, h, w))
         if self.head == "cam":
-            return pool_maps(maps[:, 1:], self.pool, self.window), maps
-        return self.backbone.forward_head(tokens), maps
+            logits = pool_maps(maps[:, 1:], self.pool, self.window)
+        else:
+            logits = self.backbone.forward_head(tokens)
+        return self.calibration(logits), maps
 
     def forward(self, x: torch.Tensor, guided: bool = False):
         """-> logits (B, K), maps (B, 1+K, h, w); with `guided` also the list of the guided

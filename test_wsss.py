@@ -666,6 +666,24 @@ def test_classification_loss_is_bce():
     assert torch.allclose(losses.classification_loss(logits, labels), expected)
 
 
+def test_platt_scaling_finds_the_best_positive_scale_and_bias():
+    torch.manual_seed(0)
+    labels = (torch.rand(200, 2) < 0.4).float()
+    logits = 0.3 * (2 * labels - 1) + 0.4 * torch.randn(200, 2)  # right ranking, too timid
+    scale, bias = losses.platt_scaling(logits, labels)
+    best = losses.classification_loss(logits * scale + bias, labels)
+    assert best < losses.classification_loss(logits, labels) - 0.05 and (scale > 1).all()
+    # Oracle: every (a, c) of a fine grid, per class (the classes are fitted independently).
+    for k in range(2):
+        a, c = torch.meshgrid(torch.linspace(0.1, 10, 200), torch.linspace(-3, 3, 200),
+                              indexing="ij")
+        z = logits[:, k] * a[..., None] + c[..., None]  # (200, 200, N)
+        y = labels[:, k].expand_as(z)
+        grid = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+        fitted = losses.classification_loss(logits[:, k] * scale[k] + bias[k], labels[:, k])
+        assert fitted <= grid.mean(-1).min() + 1e-4
+
+
 @pytest.mark.parametrize("reduce", losses.ALIGN_REDUCES)
 def test_cosine_alignment_identical_zero_opposite_two(reduce):
     torch.manual_seed(0)
@@ -912,6 +930,28 @@ def test_train_writes_a_loadable_run_folder(tmp_path, capsys, synth_dir):
     # Existing run folders are not overwritten.
     code, _, err = run_cli(capsys, "train", "--data", synth_dir, "--out", run, *TINY)
     assert code == 2 and "--force" in err
+
+
+def test_calibration_changes_the_probabilities_and_no_map(tiny_run, synth_dir):
+    assert "logits calibrated on the training labels" in (tiny_run / "log.txt").read_text()
+    _, teacher, student = wsss.load_run(tiny_run, torch.device("cpu"))
+    train = wsss.SmokeDataset(synth_dir, "train", size=32)
+    for net in (teacher, student):
+        logits, labels = wsss.split_logits(net, train, torch.device("cpu"))
+        _, maps = net(train[0]["image"][None])
+        scale, bias = net.calibration.scale.clone(), net.calibration.bias.clone()
+        net.calibration.reset()
+        raw, _ = wsss.split_logits(net, train, torch.device("cpu"))
+        assert torch.equal(net(train[0]["image"][None])[1], maps)
+        assert torch.allclose(logits, raw * scale + bias, atol=1e-5)
+        assert losses.classification_loss(logits, labels) <= losses.classification_loss(raw,
+                                                                                         labels)
+    # A checkpoint written before the calibration existed loads with the identity.
+    ckpt = wsss.load_checkpoint(tiny_run / "student.pt")
+    old = {k: v for k, v in ckpt["model"].items() if not k.startswith("calibration.")}
+    net = models.build_student(wsss.read_run_config(tiny_run).model, 1)
+    wsss.restore(net, {**ckpt, "model": old}, tiny_run / "student.pt")
+    assert net.calibration.scale.eq(1).all() and net.calibration.bias.eq(0).all()
 
 
 def test_ctrl_c_mid_epoch_then_resume_repeats_the_epoch_exactly(

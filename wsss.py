@@ -409,6 +409,7 @@ def train_networks(run: Path, config: RunConfig, dataset: "SmokeDataset", device
     train_stage("teacher", teacher, teacher_loss, dataset, run, stage1,
                 config.train.teacher_epochs, device, log)
     models.freeze(teacher)
+    teacher.calibration.reset()  # L_kd reads raw logits, also where a calibrated run resumes
 
     def step(batch, net):
         return student_loss(net, teacher, batch["image"], batch["label"], config.loss)
@@ -463,17 +464,37 @@ def write_pseudo_masks(dataset: "SmokeDataset", out: Path | None, cam: postproce
         save_picture(postprocess.mask_grid(shown_rgb, shown_mask, len(dataset.classes)), overlays)
     return None if scores is None else gather_scores(scores).result()
 
-def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
-                       ) -> float:
-    """The network's L_cls over a split (float32): how well it has learned the labels."""
-    total, count = 0.0, 0
+def split_logits(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's logits over a split (float32) and the image labels, both (N, K)."""
+    logits, labels = [], []
     with torch.no_grad():
         for batch in torch.utils.data.DataLoader(dataset, batch_size=64):
-            logits = net(batch["image"].to(device))[0].float()
-            labels = batch["label"].to(device)
-            total += losses.classification_loss(logits, labels).item() * labels.numel()
-            count += labels.numel()
-    return total / count
+            logits.append(net(batch["image"].to(device))[0].float().cpu())
+            labels.append(batch["label"])
+    return torch.cat(logits), torch.cat(labels)
+
+def classification_bce(net: torch.nn.Module, dataset: "SmokeDataset", device: torch.device
+                       ) -> float:
+    """The network's L_cls over a split: how well it has learned the labels."""
+    return losses.classification_loss(*split_logits(net, dataset, device)).item()
+
+def calibrate(run: Path, nets: dict[str, torch.nn.Module], dataset: "SmokeDataset",
+              device: torch.device, log: "Log") -> None:
+    """The last step of training: each network's logits fitted to the training labels
+    (Platt scaling). A CAM classifier's logit is its pooled map, whose scale the cosine
+    alignment leaves free and weight decay shrinks: its probabilities come out too timid.
+    Maps, and so masks, do not change; RUN/<name>.pt keeps the fit."""
+    fits = []
+    for name, net in nets.items():
+        net.calibration.reset()  # fit the raw logits: a rerun fits the same
+        scale, bias = losses.platt_scaling(*split_logits(net, dataset, device))
+        net.calibration.scale.copy_(scale)
+        net.calibration.bias.copy_(bias)
+        path = run / f"{name}.pt"
+        write_checkpoint(path, {**load_checkpoint(path), "model": net.state_dict()})
+        fits.append(f"{name} x{scale[0]:.2f} {bias[0]:+.2f}")
+    log(f"logits calibrated on the training labels (scale, bias): {', '.join(fits)}")
 
 def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch.device,
             log: "Log") -> None:
@@ -504,7 +525,8 @@ def compare(run: Path, config: RunConfig, teacher, student, alone, device: torch
         (run / "scores.json").write_text(json.dumps({"split": split, **scores}, indent=2) + "\n")
 
 def cmd_train(args: argparse.Namespace) -> None:
-    """The whole method: teacher, student (and the student alone), pseudo masks, scores."""
+    """The whole method: teacher, student (and the student alone), their logits calibrated,
+    pseudo masks, scores."""
     began = time.perf_counter()
     run, config = start_run(args)
     log = Log(run / "log.txt")
@@ -518,6 +540,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     teacher, student = train_networks(run, config, dataset, device, log)
     alone = train_alone(run, config, dataset, device, log) if config.train.baseline else None
     plain = SmokeDataset(config.data, "train", size=config.model.image_size)
+    nets = {"teacher": teacher, "student": student, "alone": alone}
+    calibrate(run, {k: v for k, v in nets.items() if v is not None}, plain, device, log)
     (run / "pseudo_train").mkdir(exist_ok=True)
     write_pseudo_masks(plain, run / "pseudo_train", config.cam, config.refine, teacher, student,
                        device, config.train.amp, run / "overlays.png")
@@ -772,15 +796,19 @@ CHECKPOINT_FORMAT = 1
 
 def save_checkpoint(path: Path, config: RunConfig, net: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, epoch: int, done: bool) -> None:
-    """`epoch` epochs done. Written to a temporary file, then renamed: a crash or Ctrl-C never
-    leaves half a checkpoint, so a stopped run resumes from its last whole epoch."""
+    """`epoch` epochs done."""
+    state = optimizer.state_dict() if optimizer is not None else None
+    write_checkpoint(path, {"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
+                            "model": net.state_dict(), "optimizer": state, "epoch": epoch,
+                            "done": done})
+
+def write_checkpoint(path: Path, ckpt: dict) -> None:
+    """Written to a temporary file, then renamed: a crash or Ctrl-C never leaves half a
+    checkpoint, so a stopped run resumes from its last whole epoch."""
     if rank_and_count()[0] != 0:  # one writer; every process holds the same weights
         return
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(),
-                "model": net.state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "epoch": epoch, "done": done}, tmp)
+    torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 def load_checkpoint(path: Path) -> dict:
@@ -807,8 +835,10 @@ def check_compatible(ckpt: dict, config: RunConfig, path: Path) -> None:
                                 f"resume with the settings it began with, or start a new run")
 
 def restore(net: torch.nn.Module, ckpt: dict, path: Path) -> None:
+    # Networks trained before the calibration existed load uncalibrated: the identity.
+    identity = {k: v for k, v in net.state_dict().items() if k.startswith("calibration.")}
     try:
-        net.load_state_dict(ckpt["model"])
+        net.load_state_dict({**identity, **ckpt["model"]})
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
