@@ -469,8 +469,8 @@ class Student(nn.Module):
 
     `guide`: channel counts of the teacher stages that guide evenly spaced blocks (the last
     block guided by the last stage); each guided block has its own 1x1 projection to them.
-    `proj_std` > 0: the projection's weight and bias start N(0, proj_std), drawn after every
-    other weight, so that the rest of the network starts as with PyTorch's default.
+    `proj_std` > 0: the projection's weight and bias start N(0, proj_std), drawn after the
+    ViT's weights, so that the ViT starts as with PyTorch's default.
     """
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, head: str = "token",
@@ -483,13 +483,13 @@ class Student(nn.Module):
         self.backbone = backbone
         self.head = head
         self.proj = nn.Conv2d(backbone.embed_dim, 1 + num_classes, 1)
+        if proj_std > 0:  # before the guides' draws: a guided student and its alone start alike
+            nn.init.normal_(self.proj.weight, std=proj_std)
+            nn.init.normal_(self.proj.bias, std=proj_std)
         self.calibration = Calibration(num_classes)
         depth, n = len(backbone.blocks), len(guide)
         self.guided_blocks = [depth * (j + 1) // n - 1 for j in range(n)]  # 6 blocks, 3: 1 3 5
         self.guide = nn.ModuleList(nn.Conv2d(backbone.embed_dim, c, 1) for c in guide)
-        if proj_std > 0:
-            nn.init.normal_(self.proj.weight, std=proj_std)
-            nn.init.normal_(self.proj.bias, std=proj_std)
 
     def tokens_to_map(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # -> (B,D,h,w)
@@ -685,10 +685,10 @@ class ModelConfig:
     student_window: int = setting(3, "the CAM-head student pools window x window means of its "
                                   "map, so a region scores and a lone patch does not (picked on "
                                   "the synthetic validation split)", choices=(1, 3, 5))
-    proj_std: float = setting(0.0, "the student's 1x1 projection starts with weight and bias "
-                              "drawn N(0, this); 0: PyTorch's default (uniform, std 0.042 at "
-                              "width 192); 0.0052, an eighth: higher IoU, a weaker classifier "
-                              "(README)", at_least=0)
+    proj_std: float = setting(0.0052, "the student's 1x1 projection starts with weight and "
+                              "bias drawn N(0, this), an eighth of PyTorch's default, so the "
+                              "alignment shapes the map before the labels do (README); 0: "
+                              "PyTorch's default (uniform, std 0.042 at width 192)", at_least=0)
     patch_size: int = setting(8, "student patch size in pixels", at_least=1)
     image_size: int = setting(128, "training image side in pixels", at_least=16)
     teacher_weights: str = setting("", "local file of pretrained teacher weights (torchvision "

@@ -607,14 +607,14 @@ def test_pool_maps_is_the_mean_of_the_strongest_locations():
 def test_projection_start_changes_only_the_projection():
     config = models.ModelConfig(student_depth=1, image_size=32)
     torch.manual_seed(0)
-    default = models.build_student(config, 1).state_dict()
+    small = models.build_student(config, 1).state_dict()  # the default start
     torch.manual_seed(0)
-    small = models.build_student(dataclasses.replace(config, proj_std=0.005), 1).state_dict()
-    changed = [k for k in default if not torch.equal(default[k], small[k])]
+    pytorch = models.build_student(dataclasses.replace(config, proj_std=0.0), 1).state_dict()
+    changed = [k for k in pytorch if not torch.equal(pytorch[k], small[k])]
     assert changed == ["proj.weight", "proj.bias"]
     drawn = torch.cat([small[k].flatten() for k in changed])  # 2 x 192 + 2 draws
-    assert abs(drawn.std().item() - 0.005) < 0.001
-    assert drawn.std() < default["proj.weight"].std() / 5  # the default: std 1 / sqrt(3 * 192)
+    assert abs(drawn.std().item() - config.proj_std) < 0.001
+    assert drawn.std() < pytorch["proj.weight"].std() / 5  # PyTorch's: std 1 / sqrt(3 * 192)
 
 
 def test_bad_weights_files(tmp_path):
@@ -642,11 +642,13 @@ def test_faithful_preset_is_the_papers_recipe_and_the_default_differs():
     assert paper.loss.distill_weight == 0.0  # no soft labels from the teacher in the paper
     assert paper.cam.cam_scales == (0.5, 1.0, 1.5, 2.0)
     assert not paper.model.zero_init_residual and paper.loss.align_power == 1.0
+    assert (paper.model.proj_std, default.model.proj_std) == (0.0, 0.0052)  # PyTorch's start
 
 
-def test_squared_preset_changes_only_the_teachers_start_and_rate_and_the_targets_power():
+def test_squared_preset_changes_only_the_starts_the_teachers_rate_and_the_targets_power():
     squared, default = wsss.preset_config("squared"), wsss.preset_config("cpu")
-    assert default.model == dataclasses.replace(squared.model, zero_init_residual=True)
+    assert default.model == dataclasses.replace(squared.model, zero_init_residual=True,
+                                                proj_std=0.0052)
     assert default.train == dataclasses.replace(squared.train, teacher_lr=5e-4)
     assert default.loss == dataclasses.replace(squared.loss, align_power=1.0)
     assert (squared.cam, squared.refine) == (default.cam, default.refine)
