@@ -645,6 +645,13 @@ def test_faithful_preset_is_the_papers_recipe_and_the_default_differs():
     assert (paper.model.proj_std, default.model.proj_std) == (0.0, 0.0052)  # PyTorch's start
 
 
+def test_a_run_saved_before_the_small_start_keeps_pytorchs_start():
+    saved = wsss.RunConfig(data="d").to_dict()
+    del saved["model"]["proj_std"]
+    assert wsss.RunConfig.from_dict(saved).model.proj_std == 0.0
+    assert wsss.RunConfig.from_dict(wsss.RunConfig(data="d").to_dict()).model.proj_std == 0.0052
+
+
 def test_squared_preset_changes_only_the_starts_the_teachers_rate_and_the_targets_power():
     squared, default = wsss.preset_config("squared"), wsss.preset_config("cpu")
     assert default.model == dataclasses.replace(squared.model, zero_init_residual=True,

@@ -121,6 +121,8 @@ class RunConfig:
         parts = {}
         for name, part in CONFIGS.items():
             values = dict(d.get(name, {}))
+            if name == "model":  # a run from before the small start resumes as it began
+                values.setdefault("proj_std", 0.0)
             for f in dataclasses.fields(part):
                 if f.name in values and getattr(f.type, "__origin__", None) is tuple:
                     values[f.name] = tuple(values[f.name])  # JSON gives lists
