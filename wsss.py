@@ -60,7 +60,7 @@ class UserError(Exception):
 @dataclass
 class TrainConfig:
     teacher_epochs: int = setting(8, "epochs of stage 1, the teacher", at_least=1)
-    student_epochs: int = setting(8, "epochs of stage 2, the student", at_least=1)
+    student_epochs: int = setting(10, "epochs of stage 2, the student", at_least=1)
     batch_size: int = setting(16, "images a step", at_least=1)
     lr: float = setting(5e-4, "AdamW peak learning rate of the students: warm-up over the "
                         "first epoch, then cosine decay", above=0)
